@@ -1,0 +1,1 @@
+"""pytest-lora: write your LoRA rank policy as tests."""
