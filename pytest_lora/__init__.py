@@ -1,1 +1,75 @@
-"""pytest-lora: write your LoRA rank policy as tests."""
+"""pytest-lora: write your LoRA rank policy as tests, on a real 4-bit base model.
+
+Importing this package imports no torch, transformers, peft or bitsandbytes: they load when a
+LoRA fixture or a check first needs them.
+"""
+
+from pytest_lora.assertions import (
+    LoraPolicyWarning,
+    active_policy,
+    assert_adapter_shapes,
+    assert_alpha_ratio,
+    assert_no_overfit,
+    assert_no_plateau,
+    assert_param_budget,
+    assert_policy,
+    use_policy,
+)
+from pytest_lora.counting import ParamCount, count_parameters
+from pytest_lora.curves import (
+    OverfitRule,
+    OverfitVerdict,
+    PlateauRule,
+    PlateauVerdict,
+    analyze_overfit,
+    analyze_plateau,
+)
+from pytest_lora.errors import (
+    AdapterConfigError,
+    BaseModelModifiedError,
+    CurveError,
+    LoraAssertionError,
+    LoraError,
+    ModelLoadError,
+    PolicyError,
+    SettingsError,
+    TrainingError,
+)
+from pytest_lora.models import BUILTIN_MODEL
+from pytest_lora.policy import Policy, SweepRule, load_policy
+from pytest_lora.training import TrainResult, synthetic_data
+
+__all__ = [
+    "BUILTIN_MODEL",
+    "AdapterConfigError",
+    "BaseModelModifiedError",
+    "CurveError",
+    "LoraAssertionError",
+    "LoraError",
+    "LoraPolicyWarning",
+    "ModelLoadError",
+    "OverfitRule",
+    "OverfitVerdict",
+    "ParamCount",
+    "PlateauRule",
+    "PlateauVerdict",
+    "Policy",
+    "PolicyError",
+    "SettingsError",
+    "SweepRule",
+    "TrainResult",
+    "TrainingError",
+    "active_policy",
+    "analyze_overfit",
+    "analyze_plateau",
+    "assert_adapter_shapes",
+    "assert_alpha_ratio",
+    "assert_no_overfit",
+    "assert_no_plateau",
+    "assert_param_budget",
+    "assert_policy",
+    "count_parameters",
+    "load_policy",
+    "synthetic_data",
+    "use_policy",
+]

@@ -1,0 +1,334 @@
+"""Attaching LoRA adapters to the shared base model, and putting the base back exactly.
+
+The base model is loaded once per session and shared by every test, so an adapter that
+outlives its test, a base weight a test trained, or a stray `get_peft_model` in a user's
+test would leak into every later test. The manager attaches one adapter at a time,
+validates its config against the real module names first (PEFT only complains when
+*nothing* matches), and restores the base on detach: same module objects, same tensors,
+same `requires_grad` and train/eval flags.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
+
+_LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
+# Submodules that PEFT adds inside an adapted layer: never targets themselves.
+_INTERNAL = re.compile(r"\.(lora_[A-Za-z_]+|base_layer|modules_to_save|original_module)(\.|$)")
+
+
+def as_lora_config(config: Any) -> Any:
+    """Accept a `LoraConfig` or a mapping of its fields (e.g. from TOML)."""
+    from peft import LoraConfig
+
+    if isinstance(config, LoraConfig):
+        return config
+    if isinstance(config, Mapping):
+        try:
+            return LoraConfig(**config)
+        except TypeError as exc:
+            raise AdapterConfigError(f"LoraConfig({dict(config)!r}): {exc}") from exc
+    raise AdapterConfigError(f"expected a peft.LoraConfig or a dict of its fields, got {type(config).__name__}")
+
+
+def linear_module_names(model: Any) -> dict[str, list[str]]:
+    """Linear layers by their last name component (`q_proj` -> full names): what targets can match."""
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name and type(module).__name__ in _LINEAR_CLASSES and not _INTERNAL.search(name):
+            found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return found
+
+
+def _check_values(config: Any) -> None:
+    problems = []
+    r = config.r
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        problems.append(f"r = {r!r}: the rank must be an int >= 1 (typical: 4, 8, 16)")
+    alpha = config.lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        problems.append(f"lora_alpha = {alpha!r}: must be > 0 (the usual heuristic is 2 * r)")
+    dropout = config.lora_dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"lora_dropout = {dropout!r}: must be in [0, 1) (typical: 0.05 - 0.1)")
+    for key, value in (config.rank_pattern or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            problems.append(f"rank_pattern[{key!r}] = {value!r}: must be an int >= 1")
+    for key, value in (config.alpha_pattern or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            problems.append(f"alpha_pattern[{key!r}] = {value!r}: must be > 0")
+    targets = config.target_modules
+    if targets is not None and not isinstance(targets, str) and len(targets) == 0:
+        problems.append("target_modules = []: empty, so no module would be adapted (e.g. ['q_proj', 'v_proj'])")
+    if problems:
+        raise AdapterConfigError("invalid LoraConfig:\n  " + "\n  ".join(problems))
+
+
+def _module_matches(config: Any, entry: str | None, key: str) -> bool:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = copy.copy(config)
+    if entry is not None:
+        probe.target_modules = {entry}
+    found = check_target_module_exists(probe, key)
+    return bool(found) and type(found).__name__ != "_ExcludedModule"
+
+
+def matched_modules(model: Any, config: Any) -> list[str]:
+    """Full names of the modules `config` adapts, by PEFT's own matching rule.
+
+    Every `target_modules` entry and every `rank_pattern` / `alpha_pattern` key must match at
+    least one module: PEFT accepts a list with one typo as long as another entry matches.
+    """
+    _check_values(config)
+    linear = linear_module_names(model)
+    if not linear:
+        raise AdapterConfigError(
+            f"{type(model).__name__} has no linear layers, so a LoRA adapter has nothing to attach to.\n"
+            "  fix: load a model with nn.Linear / bitsandbytes Linear4bit layers"
+        )
+    keys = [name for name, _ in model.named_modules() if name]
+    targets = config.target_modules
+    if targets is None:
+        targets = _default_targets(model)
+    if targets == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [k for names in linear.values() for k in names if model.get_submodule(k) is not output]
+    entries = [targets] if isinstance(targets, str) else sorted(targets)
+    matched: dict[str, None] = {}
+    for entry in entries:
+        hits = [k for k in keys if _module_matches(config, None if isinstance(targets, str) else entry, k)]
+        if not hits:
+            raise AdapterConfigError(_no_match_message("target_modules", entry, linear))
+        matched.update(dict.fromkeys(hits))
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name) or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in matched):
+                raise AdapterConfigError(_no_match_message(field_name, key, linear))
+    return list(matched)
+
+
+def _default_targets(model: Any) -> list[str]:
+    """PEFT's per-architecture default `target_modules`, used when a config leaves it None."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in defaults:
+        raise AdapterConfigError(
+            f"LoraConfig.target_modules is None and PEFT has no default targets for model_type {model_type!r}.\n"
+            "  fix: set target_modules explicitly, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+        )
+    return list(defaults[model_type])
+
+
+def _no_match_message(field_name: str, entry: str, linear: Mapping[str, list[str]]) -> str:
+    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], list(linear), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    example = next(iter(linear.values()))[0]
+    return (
+        f"LoraConfig.{field_name} entry {entry!r} matches no module of this model.{hint}\n"
+        f"  linear modules: {', '.join(linear)}\n"
+        f"  (full names look like {example!r})\n"
+        "  PEFT itself only fails when no entry matches at all, so a typo here would silently train fewer modules.\n"
+        "  fix: use one of the names above"
+    )
+
+
+@dataclass(frozen=True)
+class BaseSignature:
+    """Identity of a base model's structure: module objects, tensors, trainability, mode."""
+
+    modules: tuple[tuple[str, int], ...]
+    params: tuple[tuple[str, int, tuple[int, ...], str, bool], ...]
+    training: tuple[bool, ...]
+    peft_attrs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: Any) -> BaseSignature:
+        modules = tuple((n, id(m)) for n, m in model.named_modules())
+        params = tuple(
+            (n, p.data_ptr(), tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()
+        )
+        training = tuple(m.training for _, m in model.named_modules())
+        attrs = tuple(a for a in ("peft_config", "_hf_peft_config_loaded") if getattr(model, a, None))
+        return cls(modules, params, training, attrs)
+
+    def differences(self, other: BaseSignature) -> list[str]:
+        """Human lines saying how `other` differs from this clean state."""
+        lines = []
+        mine, theirs = dict(self.modules), dict(other.modules)
+        added = [n for n in theirs if n not in mine]
+        if added:
+            lines.append(f"{len(added)} module(s) added, e.g. {added[0]!r}")
+        replaced = [n for n in mine if n in theirs and mine[n] != theirs[n]]
+        if replaced:
+            lines.append(f"{len(replaced)} module(s) replaced, e.g. {replaced[0]!r}")
+        removed = [n for n in mine if n not in theirs]
+        if removed:
+            lines.append(f"{len(removed)} module(s) removed, e.g. {removed[0]!r}")
+        if self.params != other.params and not lines:
+            lines.append("parameters changed (tensor replaced, dtype, or requires_grad)")
+        if self.training != other.training:
+            lines.append("train/eval mode changed")
+        if other.peft_attrs:
+            lines.append(f"PEFT attributes left on the base: {', '.join(other.peft_attrs)}")
+        return lines
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-256 of every parameter and buffer, 4-bit quantization constants included."""
+    digest = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            for key, value in sorted(state.as_dict(packed=True).items()):
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _byte_dtype() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def strip_adapters(model: Any) -> int:
+    """Replace every PEFT layer and wrapper by the module it wraps; return how many were removed.
+
+    The last resort when a test left adapters behind (a stray `get_peft_model`): the next
+    test gets the base as loaded rather than stacked adapters.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    removed = 0
+    while True:
+        stray = [
+            (name, m)
+            for name, m in model.named_modules()
+            if name and isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+        ]
+        if not stray:
+            break
+        name, module = stray[0]
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module.get_base_layer()
+        setattr(parent, child, original)
+        removed += 1
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(model):
+            delattr(model, attr)
+    return removed
+
+
+@dataclass
+class _Attachment:
+    peft_model: Any
+    saved_base_params: dict[str, Any] = field(default_factory=dict)
+
+
+class AdapterManager:
+    """One adapter at a time on a shared base; `detach` restores the base exactly as loaded."""
+
+    def __init__(self, base: Any, seed: int = 0) -> None:
+        self.base = base
+        self.seed = seed
+        self.clean = BaseSignature.of(base)
+        self._flags = [(p, p.requires_grad) for p in base.parameters()]
+        self._modes = [(m, m.training) for m in base.modules()]
+        self._active: _Attachment | None = None
+
+    @property
+    def active(self) -> Any | None:
+        return self._active.peft_model if self._active else None
+
+    def attach(self, config: Any, seed: int | None = None) -> Any:
+        """Validate `config` against the base, detach any previous adapter, attach, return the PeftModel.
+
+        The adapter's random init (lora_A) is seeded (default: the manager's seed), so the same
+        config gives the same model.
+        """
+        import torch
+        from peft import get_peft_model
+
+        config = as_lora_config(config)
+        self.detach()
+        self.assert_clean("before attaching a new adapter")
+        matched_modules(self.base, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed if seed is None else seed)
+            peft_model = get_peft_model(self.base, copy.deepcopy(config))
+        saved = {
+            name: param.detach().clone()
+            for name, param in self.base.named_parameters()
+            if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
+        }
+        self._active = _Attachment(peft_model, saved)
+        return peft_model
+
+    def detach(self) -> None:
+        """Remove the active adapter, if any, and put the base back exactly as it was."""
+        import torch
+
+        attachment, self._active = self._active, None
+        if attachment is None:
+            return
+        try:
+            attachment.peft_model.unload()
+        finally:
+            strip_adapters(self.base)
+            with torch.no_grad():
+                params = dict(self.base.named_parameters())
+                for name, saved in attachment.saved_base_params.items():
+                    if name in params:
+                        params[name].copy_(saved)
+            for param, flag in self._flags:
+                param.requires_grad_(flag)
+            for module, mode in self._modes:
+                module.training = mode
+
+    @contextmanager
+    def attached(self, config: Any) -> Iterator[Any]:
+        """`with manager.attached(config) as model:` for code (e.g. Hypothesis examples) without fixtures."""
+        model = self.attach(config)
+        try:
+            yield model
+        finally:
+            self.detach()
+
+    def assert_clean(self, when: str) -> None:
+        """Fail, and repair the base, when something outside the manager changed it."""
+        now = BaseSignature.of(self.base)
+        if now == self.clean:
+            return
+        problems = self.clean.differences(now)
+        removed = strip_adapters(self.base)
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        for module, mode in self._modes:
+            module.training = mode
+        repaired = BaseSignature.of(self.base) == self.clean
+        raise BaseModelModifiedError(
+            f"the shared base model was modified outside pytest-lora's fixtures ({when}):\n  "
+            + "\n  ".join(problems)
+            + (
+                f"\n  most likely `get_peft_model(lora_base_model, ...)` in a test: PEFT wraps the base in place,"
+                f" so every later test would train stacked adapters. {removed} adapter layer(s) were removed"
+                + ("; the base is clean again." if repaired else "; the base could NOT be fully restored.")
+            )
+            + "\n  fix: use the `lora_model(config)` factory (or `lora_adapters.attach(config)`), "
+            "which detaches at teardown"
+        )

@@ -1,0 +1,299 @@
+"""Loading the base model: the built-in tiny Llama, a local directory or a hub id, in 4-bit.
+
+Every model, the built-in one included, goes through the same `from_pretrained` +
+`BitsAndBytesConfig` path, so what the tests exercise is what a production run loads.
+torch, transformers and bitsandbytes are imported inside the functions: importing this
+module costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_lora.errors import ModelLoadError, SettingsError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pytest_lora.settings import Settings
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+
+# The built-in model: Llama architecture (q/k/v/o, gate/up/down, grouped-query attention),
+# small enough to load in well under a second on a CPU, with dimensions that are multiples
+# of bitsandbytes' 64-value quantization block.
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+}
+TINY_LLAMA_SEED = 0
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model comes from: `builtin`, `local` (a directory) or `hub` (an id)."""
+
+    kind: str
+    location: str
+
+    @property
+    def label(self) -> str:
+        return BUILTIN_MODEL if self.kind == "builtin" else self.location
+
+
+@dataclass
+class LoadedBase:
+    """The session's base model and what the report header and the checks need to know of it."""
+
+    model: Any
+    source: ModelSource
+    device: str
+    quantization: str
+    load_seconds: float
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache for the built-in model (XDG convention), overridable by `--lora-cache-dir`."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "pytest-lora"
+
+
+def resolve_source(spec: str | None) -> ModelSource:
+    """Tell a local directory from a hub id, failing early on a path that does not exist."""
+    if spec is None or spec == BUILTIN_MODEL:
+        return ModelSource("builtin", BUILTIN_MODEL)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"--lora-model {spec}: is a file, not a model directory.\n"
+                "  fix: point it at the directory holding config.json and the *.safetensors weights"
+            )
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"--lora-model {spec}: the directory has no config.json, so it is not a transformers model.\n"
+                "  fix: point it at the directory `save_pretrained` wrote (config.json + *.safetensors)"
+            )
+        return ModelSource("local", str(path.resolve()))
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise ModelLoadError(
+            f"--lora-model {spec}: no such directory (looked in {Path.cwd()}).\n"
+            "  fix: give an existing local model directory, or a hub id such as 'org/name'"
+        )
+    return ModelSource("hub", spec)
+
+
+def builtin_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Write the built-in tiny model once (safetensors) and return its directory.
+
+    The directory name hashes the config, the seed and the transformers version, so a change
+    of any of them makes a new model rather than reusing a stale one. Writing goes through a
+    temporary directory and an atomic rename: parallel workers never see half a model.
+    """
+    import transformers
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = json.dumps([TINY_LLAMA_CONFIG, TINY_LLAMA_SEED, transformers.__version__], sort_keys=True)
+    target = root / f"tiny-llama-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA_CONFIG.items() if k != "architectures"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LLAMA_SEED)
+        model = LlamaForCausalLM(config)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=root))
+    model.save_pretrained(tmp, safe_serialization=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another worker won the race: its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str) -> str:
+    """`auto` is CUDA when available, else CPU; under xdist, worker i takes GPU i mod count."""
+    import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        index = _xdist_worker_index() % torch.cuda.device_count()
+        return f"cuda:{index}"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SettingsError(
+                f"--lora-device {device}: CUDA is not available on this machine (torch {torch.__version__}).\n"
+                "  fix: use --lora-device auto or cpu, or run on a GPU runner with a CUDA build of torch"
+            )
+        if device == "cuda":
+            return f"cuda:{_xdist_worker_index() % torch.cuda.device_count()}"
+        index = int(device.split(":", 1)[1])
+        if index >= torch.cuda.device_count():
+            raise SettingsError(
+                f"--lora-device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.\n"
+                f"  fix: use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or auto"
+            )
+    return device
+
+
+def _xdist_worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    digits = worker.lstrip("gw")
+    return int(digits) if digits.isdigit() else 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, name)
+
+
+def quantization_config(settings: Settings) -> Any:
+    """The `BitsAndBytesConfig` for the settings, or None for a 16-bit base."""
+    if not settings.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quant_type,
+        bnb_4bit_compute_dtype=_dtype(settings.compute_dtype),
+        bnb_4bit_use_double_quant=settings.double_quant,
+    )
+
+
+def load_base_model(settings: Settings) -> LoadedBase:
+    """Load the base model named by the settings, frozen, guarded against the CPU repack trap."""
+    source = resolve_source(settings.model)
+    device = resolve_device(settings.device)
+    if source.kind == "hub" and _offline():
+        raise ModelLoadError(
+            f"--lora-model {source.location}: a hub id, but HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, "
+            "so it cannot be downloaded.\n"
+            f"  fix: download it where the network is allowed (`hf download {source.location} "
+            "--local-dir ./models/NAME`) and pass --lora-model ./models/NAME"
+        )
+    location = str(builtin_model_dir(settings.cache_dir)) if source.kind == "builtin" else source.location
+    silence_bitsandbytes_kernel_notice()
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "device_map": {"": device},
+        "trust_remote_code": settings.trust_remote_code,
+        "use_safetensors": None if settings.allow_unsafe_pickle else True,
+        "local_files_only": source.kind != "hub",
+    }
+    quant = quantization_config(settings)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    else:
+        kwargs["dtype"] = _dtype(settings.compute_dtype)
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        raise ModelLoadError(_explain_load_failure(source, settings, exc)) from exc
+    elapsed = time.perf_counter() - start
+    prepare_base(model)
+    return LoadedBase(model, source, device, settings.quantization_label(), elapsed)
+
+
+def prepare_base(model: Any) -> None:
+    """Freeze the base and disable bitsandbytes' CPU inference repack on every 4-bit layer.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without grad repacks its
+    weights for `gemv_4bit`, which has no autograd kernel: LoRA training on that base then
+    learns nothing, silently. Turning the repack off before any evaluation avoids it.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model.eval()
+
+
+def repacked_4bit_layers(model: Any) -> list[str]:
+    """Names of 4-bit layers already repacked for CPU inference (training through them is dead)."""
+    names = []
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            names.append(name)
+    return names
+
+
+def silence_bitsandbytes_kernel_notice() -> None:
+    """Drop bitsandbytes' notice that the optional `kernels` hub package is missing.
+
+    It is printed on import on AVX512-BF16 CPUs, asks for a package that downloads kernels from
+    a hub, and changes nothing for training: it would only confuse the test output.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in str(record.msg)
+    )
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _explain_load_failure(source: ModelSource, settings: Settings, exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"--lora-model {source.label}"
+    lowered = str(exc).lower()
+    if not settings.allow_unsafe_pickle and ("safetensors" in lowered or ".bin" in lowered):
+        return (
+            f"{where}: no safetensors weights found ({text}).\n"
+            "  pytest-lora loads safetensors only: pickled checkpoints (*.bin) can run arbitrary code.\n"
+            "  fix: convert the weights to safetensors, or, if you trust the file, set "
+            "allow_unsafe_pickle = true in [tool.pytest_lora]"
+        )
+    if "does not recognize this architecture" in lowered or "model_type" in lowered or isinstance(exc, KeyError):
+        return (
+            f"{where}: transformers {_transformers_version()} does not know this architecture ({text}).\n"
+            "  fix: upgrade transformers, or, for a model with custom code you trust, "
+            "set trust_remote_code = true in [tool.pytest_lora]"
+        )
+    if source.kind == "hub":
+        return (
+            f"{where}: could not fetch the model from the hub ({text}).\n"
+            f"  fix: check the id and your network, or download it (`hf download {source.location} "
+            "--local-dir ./models/NAME`) and pass --lora-model ./models/NAME"
+        )
+    return f"{where}: loading failed: {type(exc).__name__}: {text}"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

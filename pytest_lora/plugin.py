@@ -1,0 +1,190 @@
+"""pytest-lora's pytest door: options, the `lora` marker, the report header, the hooks.
+
+Importing this module imports no torch, transformers, peft or bitsandbytes: they load when a
+LoRA fixture is first used, so a project that has pytest-lora installed pays nothing in its
+other test runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_lora import fixtures
+from pytest_lora.assertions import set_active_policy
+from pytest_lora.errors import LoraAssertionError, LoraError, SettingsError
+from pytest_lora.policy import Policy, load_policy, policy_from_pyproject
+from pytest_lora.session import LoraSession
+from pytest_lora.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
+from pytest_lora.state import MARKER, STATE, LoraState, marker_overrides
+
+_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+_OWN_DIR = str(Path(__file__).parent)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key."""
+    group = parser.getgroup("lora", "LoRA rank policy (pytest-lora)")
+    for spec in OPTIONS:
+        dest = f"lora_{spec.name}"
+        if spec.is_flag:
+            group.addoption(spec.flag, action="store_true", default=None, dest=dest, help=spec.help)
+        else:
+            group.addoption(spec.flag, dest=dest, default=None, type=argparse_type(spec), help=spec.help)
+        parser.addini(spec.ini, help=f"{spec.help} [pytest-lora]", default=None)
+
+
+def _pyproject(config: pytest.Config) -> Path | None:
+    if config.inipath is not None and config.inipath.name == "pyproject.toml":
+        return config.inipath
+    candidate = config.rootpath / "pyproject.toml"
+    return candidate if candidate.is_file() else None
+
+
+def _resolve(config: pytest.Config) -> LoraState:
+    pyproject = _pyproject(config)
+    table = read_pyproject(pyproject) if pyproject else {}
+    cli = {spec.name: config.getoption(f"lora_{spec.name}") for spec in OPTIONS}
+    ini = {spec.name: config.getini(spec.ini) for spec in OPTIONS}
+    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None)
+    policy: Policy | None
+    if settings.policy:
+        policy = load_policy(settings.policy)
+    else:
+        policy = policy_from_pyproject(pyproject) if pyproject else None
+    return LoraState(LoraSession(settings, policy or Policy()), str(pyproject) if pyproject else None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Validate settings and policy before any test runs: a bad value is a usage error (exit 4)."""
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(**overrides): a LoRA policy test (selected by `-m lora`); keyword arguments override "
+        "pytest-lora settings for the test, class or module, e.g. model='./models/x', seed=1",
+    )
+    try:
+        state = _resolve(config)
+    except SettingsError as exc:  # PolicyError included
+        raise pytest.UsageError(f"pytest-lora: {exc}") from None
+    if state.session.settings.require_gpu:
+        _require_gpu()
+    config.stash[STATE] = state
+    set_active_policy(state.session.policy)
+    config.pluginmanager.register(fixtures, "lora-fixtures")
+
+
+def _require_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise pytest.UsageError(
+            "pytest-lora: --lora-require-gpu is set, but no CUDA device is available "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}).\n"
+            "  The session stops instead of running the LoRA tests on the CPU or skipping them.\n"
+            "  fix: run on a GPU runner with a CUDA build of torch, or drop --lora-require-gpu"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say what is in force: model, device, quantization, policy."""
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return []
+    settings = state.session.settings
+    device = settings.device
+    if device == "auto":
+        device = "auto (CUDA if available, else CPU; resolved when the model loads)"
+    lines = [
+        f"lora: model={settings.model or 'builtin:tiny-llama'}, device={device}, {settings.quantization_label()}",
+        f"lora: policy={state.session.policy.source}",
+    ]
+    if settings.trust_remote_code:
+        lines.append("lora: trust_remote_code=ON (the model's own Python code will run)")
+    if settings.allow_unsafe_pickle:
+        lines.append("lora: allow_unsafe_pickle=ON (pickled checkpoints may run code when loaded)")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that use a LoRA fixture are LoRA tests: mark them so `-m lora` selects them."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if any(name.startswith("lora_") for name in names) and item.get_closest_marker(MARKER) is None:
+            item.add_marker(MARKER)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Marker keywords are checked before the test runs: a typo errors the test, never ignored."""
+    overrides = marker_overrides(item)
+    if overrides:
+        state = item.config.stash[STATE]
+        state.session.settings.with_overrides(overrides, item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """After the fixtures are gone, the shared base must be as loaded (catches stray get_peft_model)."""
+    result = yield
+    state = item.config.stash.get(STATE, None)
+    if state is not None:
+        state.session.check_clean(f"after {item.nodeid}")
+    return result
+
+
+def _user_frame(entry: Any) -> bool:
+    path = str(entry.path)
+    return not path.startswith(_OWN_DIR) and not any(f"{sep}{lib}{sep}" in path for lib in _LIBRARIES for sep in "/\\")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """pytest-lora's own errors show the user's line and the diagnosis, not frames deep in torch/PEFT."""
+    report = yield
+    excinfo = call.excinfo
+    if excinfo is None or not isinstance(excinfo.value, (LoraError, LoraAssertionError)):
+        return report
+    if call.when == "call" and isinstance(item, pytest.Function):
+        if not item.config.getoption("fulltrace", False):
+            report.longrepr = excinfo.getrepr(
+                funcargs=True,
+                style="short" if item.config.getoption("tbstyle", "auto") == "short" else "long",
+                tbfilter=lambda info: item._traceback_filter(info).filter(_user_frame) or item._traceback_filter(info),
+            )
+    else:
+        report.longrepr = f"{type(excinfo.value).__name__}: {excinfo.value}"
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """What was loaded, once each, and the base-model verification when asked for."""
+    state = config.stash.get(STATE, None)
+    if state is None or not state.session.bases:
+        return
+    session = state.session
+    terminalreporter.section("lora")
+    for key, loaded in session.bases.items():
+        terminalreporter.write_line(
+            f"base model {loaded.source.label} on {loaded.device} ({loaded.quantization}): "
+            f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s"
+        )
+    if state.changed_bases is not None:
+        changed = state.changed_bases
+        if changed:
+            terminalreporter.write_line(
+                f"--lora-verify-base: base weights CHANGED during the session: {', '.join(changed)}", red=True
+            )
+        else:
+            terminalreporter.write_line("--lora-verify-base: base weights identical at start and end", green=True)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """`--lora-verify-base`: a base that changed fails the session, whatever the tests said."""
+    state = session.config.stash.get(STATE, None)
+    if state is None or not state.session.settings.verify_base or not state.session.bases:
+        return
+    state.changed_bases = state.session.changed_bases()
+    if state.changed_bases and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

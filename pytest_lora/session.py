@@ -1,0 +1,83 @@
+"""The per-session registry: base models loaded once each, their adapter managers, what ran.
+
+It knows nothing of pytest; the plugin keeps one in `config.stash` and the fixtures ask it
+for a base model. A base is keyed by everything that changes what is loaded (model, device,
+quantization, trust), so a marker that asks for another model loads that one once too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_lora.adapters import AdapterManager, weights_digest
+from pytest_lora.models import LoadedBase, load_base_model
+from pytest_lora.policy import Policy
+from pytest_lora.settings import Settings
+
+_MODEL_KEYS = (
+    "model",
+    "device",
+    "load_in_4bit",
+    "quant_type",
+    "compute_dtype",
+    "double_quant",
+    "trust_remote_code",
+    "allow_unsafe_pickle",
+    "cache_dir",
+)
+
+
+def model_key(settings: Settings) -> tuple[Any, ...]:
+    """What identifies a loaded base: two settings with the same key share one model."""
+    return tuple(getattr(settings, name) for name in _MODEL_KEYS)
+
+
+@dataclass
+class LoraSession:
+    """Base models by key, loaded lazily on first use; load counts and digests for the checks."""
+
+    settings: Settings
+    policy: Policy
+    bases: dict[tuple[Any, ...], LoadedBase] = field(default_factory=dict)
+    managers: dict[tuple[Any, ...], AdapterManager] = field(default_factory=dict)
+    loads: Counter[tuple[Any, ...]] = field(default_factory=Counter)
+    digests: dict[tuple[Any, ...], str] = field(default_factory=dict)
+
+    def base(self, settings: Settings | None = None) -> LoadedBase:
+        """The base model for these settings, loaded on first use only."""
+        settings = settings or self.settings
+        key = model_key(settings)
+        if key not in self.bases:
+            loaded = load_base_model(settings)
+            self.loads[key] += 1
+            self.bases[key] = loaded
+            self.managers[key] = AdapterManager(loaded.model, seed=settings.seed)
+            if self.settings.verify_base:
+                self.digests[key] = weights_digest(loaded.model)
+        return self.bases[key]
+
+    def manager(self, settings: Settings | None = None) -> AdapterManager:
+        """The adapter manager of the base for these settings (loading it if needed)."""
+        settings = settings or self.settings
+        self.base(settings)
+        return self.managers[model_key(settings)]
+
+    def check_clean(self, when: str) -> None:
+        """Every idle base is exactly as loaded; raises (after repairing) when one is not."""
+        for manager in self.managers.values():
+            if manager.active is None:
+                manager.assert_clean(when)
+
+    def detach_all(self) -> None:
+        for manager in self.managers.values():
+            manager.detach()
+
+    def changed_bases(self) -> list[str]:
+        """Labels of bases whose weights differ from the digest taken when they were loaded."""
+        return [
+            self.bases[key].source.label
+            for key, digest in self.digests.items()
+            if weights_digest(self.bases[key].model) != digest
+        ]
