@@ -286,19 +286,20 @@ class AdapterManager:
         attachment, self._active = self._active, None
         if attachment is None:
             return
-        try:
-            attachment.peft_model.unload()
-        finally:
-            strip_adapters(self.base)
-            with torch.no_grad():
-                params = dict(self.base.named_parameters())
-                for name, saved in attachment.saved_base_params.items():
-                    if name in params:
-                        params[name].copy_(saved)
-            for param, flag in self._flags:
-                param.requires_grad_(flag)
-            for module, mode in self._modes:
-                module.training = mode
+        # Not PeftModel.unload(): for modules_to_save it swaps in the *trained* copy, which would
+        # leak one test's training into the next. Putting back the wrapped originals is exact.
+        strip_adapters(self.base)
+        with torch.no_grad():
+            params = dict(self.base.named_parameters())
+            for name, saved in attachment.saved_base_params.items():
+                params[name].copy_(saved)
+        self._restore_flags()
+
+    def _restore_flags(self) -> None:
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        for module, mode in self._modes:
+            module.training = mode
 
     @contextmanager
     def attached(self, config: Any) -> Iterator[Any]:
@@ -316,10 +317,7 @@ class AdapterManager:
             return
         problems = self.clean.differences(now)
         removed = strip_adapters(self.base)
-        for param, flag in self._flags:
-            param.requires_grad_(flag)
-        for module, mode in self._modes:
-            module.training = mode
+        self._restore_flags()
         repaired = BaseSignature.of(self.base) == self.clean
         raise BaseModelModifiedError(
             f"the shared base model was modified outside pytest-lora's fixtures ({when}):\n  "

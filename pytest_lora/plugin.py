@@ -73,6 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE] = state
     set_active_policy(state.session.policy)
     config.pluginmanager.register(fixtures, "lora-fixtures")
+    config.pluginmanager.register(LoraReporter(state), "lora-reporter")
 
 
 def _require_gpu() -> None:
@@ -138,12 +139,22 @@ def _user_frame(entry: Any) -> bool:
     return not path.startswith(_OWN_DIR) and not any(f"{sep}{lib}{sep}" in path for lib in _LIBRARIES for sep in "/\\")
 
 
-@pytest.hookimpl(wrapper=True)
+_XFAIL_KEY = "lora_xfail_diagnosis"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """pytest-lora's own errors show the user's line and the diagnosis, not frames deep in torch/PEFT."""
+    """pytest-lora's own errors show the user's line and the diagnosis, not frames deep in torch/PEFT.
+
+    An expected failure (xfail) keeps its diagnosis for the `lora` summary: a deliberately bad
+    config documents what the check says about it.
+    """
     report = yield
     excinfo = call.excinfo
     if excinfo is None or not isinstance(excinfo.value, (LoraError, LoraAssertionError)):
+        return report
+    if hasattr(report, "wasxfail"):
+        report.user_properties.append((_XFAIL_KEY, str(excinfo.value)))
         return report
     if call.when == "call" and isinstance(item, pytest.Function):
         if not item.config.getoption("fulltrace", False):
@@ -157,25 +168,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    """What was loaded, once each, and the base-model verification when asked for."""
-    state = config.stash.get(STATE, None)
-    if state is None or not state.session.bases:
-        return
-    session = state.session
-    terminalreporter.section("lora")
-    for key, loaded in session.bases.items():
-        terminalreporter.write_line(
-            f"base model {loaded.source.label} on {loaded.device} ({loaded.quantization}): "
-            f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s"
-        )
-    if state.changed_bases is not None:
-        changed = state.changed_bases
+class LoraReporter:
+    """The `lora` section of the terminal summary; a plugin object so it can keep what it saw.
+
+    Diagnoses of expected failures arrive through `user_properties`, which travel with the
+    reports, so under xdist the controller shows those of every worker.
+    """
+
+    def __init__(self, state: LoraState) -> None:
+        self.state = state
+        self.xfails: list[tuple[str, str]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.xfails += [(report.nodeid, value) for key, value in report.user_properties if key == _XFAIL_KEY]
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        session = self.state.session
+        if not (session.bases or self.xfails):
+            return
+        terminalreporter.section("lora")
+        for nodeid, message in self.xfails:
+            terminalreporter.write_line(f"xfail {nodeid} (expected), its diagnosis:")
+            for line in message.splitlines():
+                terminalreporter.write_line(f"    {line}")
+        for key, loaded in session.bases.items():
+            terminalreporter.write_line(
+                f"base model {loaded.source.label} on {loaded.device} ({loaded.quantization}): "
+                f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s"
+            )
+        changed = self.state.changed_bases
         if changed:
             terminalreporter.write_line(
                 f"--lora-verify-base: base weights CHANGED during the session: {', '.join(changed)}", red=True
             )
-        else:
+        elif changed is not None:
             terminalreporter.write_line("--lora-verify-base: base weights identical at start and end", green=True)
 
 

@@ -196,13 +196,14 @@ def _check_gradients(trainable: Mapping[str, Any], step: int) -> None:
     """lora_B must get gradients on step 1, lora_A from step 2 on (lora_B starts at zero)."""
     kind = "lora_B" if step == 1 else "lora_A"
     watched = {n: p for n, p in trainable.items() if f"{kind}." in n}
-    dead = [n for n, p in watched.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    dead = [n for n, p in watched.items() if p.grad is None or not bool((p.grad != 0).any())]
     if watched and len(dead) == len(watched):
         raise TrainingError(
             f"no gradient reaches the adapters: all {len(watched)} {kind} tensors have zero gradient at step {step}.\n"
             "  this run would report a flat loss and blame the rank, but the adapters are simply not trained.\n"
             "  causes: a 4-bit base repacked for CPU inference (bitsandbytes gemv_4bit has no backward), "
-            "adapters disabled, or the adapted modules not on the loss path.\n"
+            "adapters disabled, the adapted modules not on the loss path, or an effective scaling "
+            "(lora_alpha / r) so large that activations saturate.\n"
             "  fix: load the base with pytest-lora's fixtures (they disable the repack), and check target_modules"
         )
 

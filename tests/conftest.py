@@ -1,0 +1,31 @@
+"""Shared helpers for pytest-lora's own tests."""
+
+from __future__ import annotations
+
+import pytest
+
+EXAMPLE_TARGETS = ["q_proj", "v_proj"]
+
+
+def lora_config(r: int = 8, alpha: float | None = None, **extra):
+    """A LoraConfig on the built-in model's q_proj and v_proj, alpha = 2r unless given."""
+    from peft import LoraConfig
+
+    extra.setdefault("target_modules", EXAMPLE_TARGETS)
+    return LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, **extra)
+
+
+@pytest.fixture
+def lora_pytester(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory) -> pytest.Pytester:
+    """A pytester with a pinned ini and the session's model cache, so inner runs do not rewrite the model."""
+    cache = tmp_path_factory.getbasetemp() / "lora-model-cache"
+    pytester.makeini(
+        f"""
+        [pytest]
+        lora_cache_dir = {cache}
+        filterwarnings =
+            ignore::DeprecationWarning
+            ignore::FutureWarning
+        """
+    )
+    return pytester
