@@ -147,7 +147,7 @@ def _layer_settings(config_or_model: Any) -> tuple[Any, list[tuple[str, int, flo
     if config is not None:
         rows = []
         for name, module in config_or_model.named_modules():
-            if hasattr(module, "scaling") and "default" in getattr(module, "r", {}):
+            if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
                 rows.append((name, module.r["default"], module.lora_alpha["default"], module.scaling["default"]))
         return config, rows
     config = as_lora_config(config_or_model)
