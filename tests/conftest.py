@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import bitsandbytes  # noqa: F401
+import peft  # noqa: F401
 import pytest
+import torch  # noqa: F401
+import transformers  # noqa: F401
+
+# Imported here, in the outer session, on purpose: pytester's in-process runs drop the modules
+# an inner run imported, and torch's C extension cannot be loaded twice in one process.
 
 EXAMPLE_TARGETS = ["q_proj", "v_proj"]
 

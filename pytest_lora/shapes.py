@@ -1,0 +1,272 @@
+"""The shapes the FLOPs and memory estimates need, read from a model without touching its weights.
+
+A `ModelShape` is plain numbers: every linear layer (logical in/out features, 4-bit or not, decoder
+layer index, LoRA rank), the attention and MLP widths, the vocabulary and the bytes of everything
+kept unquantized. It is read from a loaded model (4-bit or not), a `PeftModel`, or a skeleton built
+on the meta device from a config, so a 7B estimate costs no weights and no GPU. torch, transformers
+and PEFT are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_lora.adapters import as_lora_config, linear_module_names, matched_modules
+from pytest_lora.counting import lora_module_shapes
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """How bitsandbytes stores a 4-bit weight: the packed values and their block-wise constants."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    nested_blocksize: int = 256  # double quant: one fp32 constant per 256 8-bit absmax values
+    compute_bytes: int = 2  # element size of the compute dtype (bf16 / fp16: 2, fp32: 4)
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One linear layer: logical shape, decoder layer (None outside the stack), 4-bit or not, LoRA rank."""
+
+    name: str
+    in_features: int
+    out_features: int
+    layer: int | None
+    quantized: bool
+    r: int = 0
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def lora_params(self) -> int:
+        return self.r * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer as the estimates see it (see the module docstring)."""
+
+    linears: tuple[LinearShape, ...]
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    attention_width: int  # n_heads * head_dim: the width of Q (and of K, V after GQA repeat)
+    kv_width: int  # n_kv_heads * head_dim
+    intermediate_size: int
+    vocab_size: int
+    gated_mlp: bool  # SwiGLU-style MLP (gate_proj * up_proj): three activations of width intermediate_size
+    eager_attention: bool  # attention probabilities materialised (the T^2 term) instead of SDPA / flash
+    activation_bytes: int  # element size of the hidden states (the dtype of the embeddings)
+    unquantized_params: int  # embeddings, lm_head, norms, biases: everything not stored in 4 bits
+    unquantized_bytes: int  # their bytes, buffers included
+    quant: QuantLayout | None  # None: the linears are not quantized
+    lora_dropout: float = 0.0
+    dropout_mask_bytes: int = 1  # per value: CUDA's fused dropout keeps a bool mask, the CPU an fp32 one
+
+    @property
+    def base_matmul_params(self) -> int:
+        """N_base of the FLOPs formula: weights used in a matmul (embedding lookups are not)."""
+        return sum(linear.params for linear in self.linears)
+
+    @property
+    def lora_params(self) -> int:
+        return sum(linear.lora_params for linear in self.linears)
+
+    @property
+    def adapted(self) -> tuple[LinearShape, ...]:
+        return tuple(linear for linear in self.linears if linear.r)
+
+    @property
+    def first_adapted_layer(self) -> int | None:
+        """Backward work starts here: no gradient flows into layers below the first adapter.
+
+        An adapter outside the layer stack (e.g. on lm_head) puts it past the last layer.
+        """
+        layers = [self.n_layers if linear.layer is None else linear.layer for linear in self.adapted]
+        return min(layers) if layers else None
+
+    def in_backward(self, layer: int | None) -> bool:
+        """Whether a layer (None: outside the stack, i.e. the output head) does backward work."""
+        first = self.first_adapted_layer
+        if first is None:
+            return False
+        return (self.n_layers if layer is None else layer) >= first
+
+    def layer_params(self, layer: int) -> tuple[int, int]:
+        """(base matmul params, LoRA params) of one decoder layer."""
+        linears = [linear for linear in self.linears if linear.layer == layer]
+        return sum(linear.params for linear in linears), sum(linear.lora_params for linear in linears)
+
+
+def layer_index(name: str) -> int | None:
+    """`model.layers.3.self_attn.q_proj` -> 3; None for modules outside the numbered stack."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _features(module: Any) -> tuple[int, int]:
+    if hasattr(module, "in_features"):
+        return int(module.in_features), int(module.out_features)
+    rows, cols = module.weight.shape  # transformers Conv1D stores the weight as (in, out)
+    return int(rows), int(cols)
+
+
+def _config_value(config: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _ranks(model: Any, config: Any) -> tuple[dict[str, int], float]:
+    """Rank per adapted module name and the dropout, from a PeftModel or a LoraConfig on a plain base."""
+    if hasattr(model, "peft_config"):
+        peft_config = model.peft_config.get("default") or next(iter(model.peft_config.values()))
+        prefix = "base_model.model."
+        ranks = {shape.name.removeprefix(prefix): shape.r for shape in lora_module_shapes(model)}
+        return ranks, float(peft_config.lora_dropout)
+    if config is None:
+        return {}, 0.0
+    from peft.utils.other import get_pattern_key
+
+    config = as_lora_config(config)
+    pattern = config.rank_pattern or {}
+    ranks = {}
+    for name in matched_modules(model, config):
+        key = get_pattern_key(list(pattern), name)
+        ranks[name] = int(pattern.get(key, config.r))
+    return ranks, float(config.lora_dropout)
+
+
+def _quant_layout(model: Any) -> QuantLayout | None:
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            nested = bool(state.nested)
+            return QuantLayout(
+                quant_type=str(state.quant_type),
+                blocksize=int(state.blocksize),
+                double_quant=nested,
+                nested_blocksize=int(state.state2.blocksize) if nested else 256,
+                compute_bytes=_DTYPE_BYTES.get(str(getattr(module, "compute_dtype", None)).removeprefix("torch."), 2),
+            )
+    return None
+
+
+def model_shape(model: Any, config: Any = None, *, quant: QuantLayout | None = None) -> ModelShape:
+    """The shape of `model` (plain, 4-bit, meta or a `PeftModel`) with `config`'s adapters (if given).
+
+    `quant`: how to treat the linears of an unquantized skeleton (the meta device): given, every linear
+    but the output head counts as 4-bit, as transformers' bitsandbytes integration leaves the head
+    unquantized. For a model loaded in 4 bits the layout is read from its weights.
+    """
+    ranks, dropout = _ranks(model, config)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layout = _quant_layout(base)
+    skeleton_quant = quant if layout is None else None
+    layout = layout or quant
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head_name = next((name for name, module in base.named_modules() if module is head), None)
+    linears = []
+    quantized_weights: set[int] = set()
+    for names in linear_module_names(base).values():
+        for name in names:
+            module = base.get_submodule(name)
+            if hasattr(module, "get_base_layer"):
+                module = module.get_base_layer()
+            in_features, out_features = _features(module)
+            is_4bit = type(module).__name__ == "Linear4bit"
+            if skeleton_quant is not None and name != head_name:
+                is_4bit = True
+            if is_4bit:
+                quantized_weights.add(id(module.weight))
+            layer = layer_index(name) if name != head_name else None
+            linears.append(LinearShape(name, in_features, out_features, layer, is_4bit, ranks.get(name, 0)))
+    unquantized_params = unquantized_bytes = 0
+    for name, param in base.named_parameters():
+        if id(param) in quantized_weights or "lora_" in name:
+            continue
+        unquantized_params += int(param.numel())
+        unquantized_bytes += int(param.numel()) * param.element_size()
+    unquantized_bytes += sum(int(b.numel()) * b.element_size() for b in base.buffers())
+    return _assemble(base, tuple(linears), layout, unquantized_params, unquantized_bytes, dropout)
+
+
+def _assemble(
+    base: Any,
+    linears: tuple[LinearShape, ...],
+    layout: QuantLayout | None,
+    unquantized_params: int,
+    unquantized_bytes: int,
+    dropout: float,
+) -> ModelShape:
+    config = base.config
+    hidden = int(_config_value(config, "hidden_size", "n_embd", "d_model"))
+    n_heads = int(_config_value(config, "num_attention_heads", "n_head"))
+    head_dim = int(_config_value(config, "head_dim", default=hidden // n_heads))
+    n_kv = int(_config_value(config, "num_key_value_heads", default=n_heads))
+    layers = [linear.layer for linear in linears if linear.layer is not None]
+    n_layers = int(_config_value(config, "num_hidden_layers", "n_layer", default=max(layers, default=-1) + 1))
+    names = {linear.name.rsplit(".", 1)[-1] for linear in linears}
+    intermediate = _config_value(config, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    activation_bytes = embeddings.weight.element_size() if embeddings is not None else 2
+    device = next((param.device.type for param in base.parameters()), "meta")
+    return ModelShape(
+        linears=linears,
+        n_layers=n_layers,
+        hidden_size=hidden,
+        n_heads=n_heads,
+        attention_width=n_heads * head_dim,
+        kv_width=n_kv * head_dim,
+        intermediate_size=int(intermediate),
+        vocab_size=int(config.vocab_size),
+        gated_mlp=any("gate" in name for name in names),
+        eager_attention=getattr(config, "_attn_implementation", None) == "eager",
+        activation_bytes=int(activation_bytes),
+        unquantized_params=unquantized_params,
+        unquantized_bytes=unquantized_bytes,
+        quant=layout,
+        lora_dropout=dropout,
+        dropout_mask_bytes=4 if device == "cpu" else 1,
+    )
+
+
+def meta_skeleton(source: Any, *, dtype: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A causal LM with the architecture of `source` on the meta device: shapes only, no weights.
+
+    `source`: a transformers config, a dict of config fields (e.g. `TINY_LLAMA_CONFIG`), or a local
+    directory / hub id holding a config.json. `dtype`: the dtype unquantized layers load in (default:
+    the config's own, else bfloat16), as `from_pretrained` keeps them.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        config = source
+    elif isinstance(source, dict):
+        fields = {key: value for key, value in source.items() if key != "architectures"}
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    elif isinstance(source, (str, os.PathLike)):
+        config = AutoConfig.from_pretrained(os.fspath(source), trust_remote_code=trust_remote_code)
+    else:
+        raise TypeError(f"expected a model, a transformers config, a dict or a path, got {type(source).__name__}")
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = dtype or (str(own).removeprefix("torch.") if own is not None else "bfloat16")
+    if name not in _DTYPE_BYTES:
+        name = "bfloat16"
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, name), trust_remote_code=trust_remote_code
+        )

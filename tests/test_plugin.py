@@ -1,0 +1,370 @@
+"""The plugin as users meet it: options, marker, settings precedence, errors, output (pytester)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pytest_lora.settings import OPTIONS
+
+pytestmark = pytest.mark.lora
+
+CONFIG = "from peft import LoraConfig\nCFG = LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])\n"
+
+
+def test_help_documents_every_option(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(["LoRA rank policy (pytest-lora):"])
+    for spec in OPTIONS:
+        assert spec.flag in result.stdout.str(), spec.flag
+        assert spec.ini in result.stdout.str(), spec.ini
+
+
+def test_importing_the_plugin_imports_no_torch() -> None:
+    code = (
+        "import sys, pytest_lora, pytest_lora.plugin;"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_marker_selects_lora_tests_under_strict_markers(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.lora
+        def test_marked():
+            pass
+
+        def test_uses_fixture(lora_policy):
+            assert lora_policy.alpha_ratio == 2.0
+
+        def test_plain():
+            pass
+        """
+    )
+    result = lora_pytester.runpytest("--strict-markers", "-m", "lora", "-v")
+    result.assert_outcomes(passed=2, deselected=1)
+    result.stdout.fnmatch_lines(["*test_marked PASSED*", "*test_uses_fixture PASSED*"])
+
+
+def test_disabling_the_plugin(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile("def test_it(lora_model):\n    pass\n")
+    result = lora_pytester.runpytest("-p", "no:lora")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'lora_model' not found*"])
+    assert "lora: model=" not in result.stdout.str()
+
+
+def test_header_says_model_device_quantization(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile("def test_it():\n    pass\n")
+    result = lora_pytester.runpytest("--lora-compute-dtype", "float32")
+    result.stdout.fnmatch_lines(
+        [
+            "lora: model=builtin:tiny-llama, device=auto (CUDA if available, else CPU*), "
+            "4-bit nf4, compute float32, double quant",
+            "lora: policy=<defaults>",
+        ]
+    )
+
+
+SEED_TEST = """
+import pytest
+
+def test_seed(lora_settings):
+    assert lora_settings.seed == {expected}, lora_settings.sources
+"""
+
+
+@pytest.mark.parametrize(
+    ("pyproject", "args", "expected"),
+    [
+        ("", [], 0),
+        ("[tool.pytest_lora]\nseed = 3\n", [], 3),
+        ("[tool.pytest_lora]\nseed = 3\n", ["--lora-seed", "5"], 5),
+    ],
+)
+def test_settings_precedence(lora_pytester: pytest.Pytester, pyproject: str, args: list[str], expected: int) -> None:
+    ini = lora_pytester.path / "tox.ini"
+    ini.write_text(ini.read_text().replace("[pytest]", "[pytest]\nlora_seed = 1"))  # ranks below [tool.pytest_lora]
+    if pyproject:
+        lora_pytester.makepyprojecttoml(pyproject)
+    lora_pytester.makepyfile(SEED_TEST.format(expected=expected if pyproject or args else 1))
+    lora_pytester.runpytest(*args).assert_outcomes(passed=1)
+
+
+def test_marker_keywords_override_per_test_class_module(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.lora(seed=1)
+
+        def test_module_level(lora_settings):
+            assert lora_settings.seed == 1
+
+        @pytest.mark.lora(seed=2)
+        class TestClass:
+            def test_class_level(self, lora_settings):
+                assert lora_settings.seed == 2
+
+            @pytest.mark.lora(seed=3)
+            def test_closest_wins(self, lora_settings):
+                assert lora_settings.seed == 3
+                assert lora_settings.sources["seed"].startswith("marker on")
+        """
+    )
+    lora_pytester.runpytest().assert_outcomes(passed=3)
+
+
+def test_marker_keyword_typo_is_an_error_not_ignored(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.lora(sed=3)
+        def test_it(lora_settings):
+            pass
+        """
+    )
+    result = lora_pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*SettingsError*unknown keyword 'sed'*Did you mean 'seed'?*"])
+
+
+@pytest.mark.parametrize(
+    ("pyproject", "args", "expected"),
+    [
+        ("", ["--lora-policy", "bad.toml"], "policy file bad.toml is not valid TOML: Unclosed array*Fix the syntax there."),
+        ("[tool.pytest_lora.policy]\nalpha_ration = 2.0\n", [], "*unknown key 'alpha_ration'*'alpha_ratio'*"),
+        ("[tool.pytest_lora.policy]\nranks = []\n", [], "*ranks = [] is empty*"),
+        (
+            "[tool.pytest_lora.policy]\nmin_trainable_pct = 2.0\nmax_trainable_pct = 1.0\n",
+            [],
+            "*min_trainable_pct = 2.0 is larger than max_trainable_pct = 1.0*",
+        ),
+        ("", ["--lora-policy", "missing.toml"], "*missing.toml*"),
+        ("[tool.pytest_lora]\ndevise = 'cpu'\n", [], "*unknown key 'devise'*'device'*"),
+    ],
+)
+def test_bad_policy_or_settings_is_a_usage_error(
+    lora_pytester: pytest.Pytester, pyproject: str, args: list[str], expected: str
+) -> None:
+    if pyproject:
+        lora_pytester.makepyprojecttoml(pyproject)
+    (lora_pytester.path / "bad.toml").write_text("alpha_ratio = 2.0\nranks = [4, 8\n")
+    lora_pytester.makepyfile("def test_never_runs():\n    raise AssertionError('must not run')\n")
+    result = lora_pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: pytest-lora: {expected}"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_unknown_device_value_is_a_usage_error(lora_pytester: pytest.Pytester) -> None:
+    result = lora_pytester.runpytest("--lora-device", "tpu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lora-device*tpu*"])
+
+
+def test_require_gpu_without_cuda_stops_the_session(lora_pytester: pytest.Pytester) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    lora_pytester.makepyfile("def test_never_runs():\n    raise AssertionError('must not run')\n")
+    result = lora_pytester.runpytest("--lora-require-gpu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lora-require-gpu is set, but no CUDA device is available*"])
+
+
+def test_failure_output_is_a_diagnosis_without_library_frames(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        CONFIG
+        + """
+from pytest_lora import assert_param_budget
+
+def test_budget(lora_model):
+    assert_param_budget(lora_model(CFG), min_pct=5.0, max_pct=10.0)
+
+def test_typo(lora_model):
+    lora_model(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_prj"]))
+"""
+    )
+    result = lora_pytester.runpytest()
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "E*LoraAssertionError: LoRA parameter budget not met: 3.023% < 5% (min)",
+            "E*trainable*7,168*(r=8 on q_proj, v_proj*",
+            "E*total*237,120*(4-bit weights counted unpacked*",
+            "E*fix: r >= 14 on these targets (now r=8); the smallest policy rank that fits is r=16*",
+            "E*AdapterConfigError: LoraConfig.target_modules entry 'v_prj' matches no module*'v_proj'?",
+        ]
+    )
+    out = result.stdout.str()
+    assert "site-packages/peft" not in out and "pytest_lora/adapters.py" not in out
+
+
+def test_one_load_per_session_and_isolation_after_a_failure(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        CONFIG
+        + """
+import pytest
+from pytest_lora.adapters import BaseSignature
+
+CLEAN = {}
+
+def test_0_record_clean_base(lora_session, lora_base_model):
+    CLEAN["sig"] = BaseSignature.of(lora_base_model)
+
+@pytest.mark.parametrize("i", range(4))
+def test_1_fails_midway(lora_train, i):
+    result = lora_train(CFG, steps=2)
+    raise RuntimeError(f"boom {i} after {len(result.losses)} steps")
+
+def test_2_base_is_clean_again(lora_base_model):
+    assert BaseSignature.of(lora_base_model) == CLEAN["sig"]
+    assert not any("lora" in name for name, _ in lora_base_model.named_modules())
+    assert not hasattr(lora_base_model, "peft_config")
+"""
+    )
+    result = lora_pytester.runpytest()
+    result.assert_outcomes(passed=2, failed=4)
+    result.stdout.fnmatch_lines(["*base model builtin:tiny-llama on cpu (4-bit nf4*): loaded 1x in *s"])
+
+
+def test_stray_get_peft_model_on_the_shared_base_is_caught_and_repaired(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        CONFIG
+        + """
+from peft import get_peft_model
+
+def test_a_stray_wrap(lora_base_model):
+    get_peft_model(lora_base_model, CFG)
+
+def test_b_next_test_gets_a_clean_base(lora_base_model, lora_model):
+    assert not hasattr(lora_base_model, "peft_config")
+    model = lora_model(CFG)
+    assert model.get_nb_trainable_parameters()[0] == 7168
+"""
+    )
+    result = lora_pytester.runpytest()
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*BaseModelModifiedError: the shared base model was modified outside pytest-lora's fixtures*",
+            "*get_peft_model(lora_base_model, ...)*the base is clean again.",
+        ]
+    )
+
+
+def test_xfail_diagnosis_is_shown_in_the_lora_summary(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        """
+        import pytest
+        from peft import LoraConfig
+        from pytest_lora import assert_alpha_ratio
+
+        @pytest.mark.xfail(strict=True, reason="alpha gotcha")
+        def test_gotcha():
+            assert_alpha_ratio(LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
+        """
+    )
+    result = lora_pytester.runpytest()
+    result.assert_outcomes(xfailed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*= lora =*",
+            "xfail *test_gotcha (expected), its diagnosis:",
+            "    LoRA alpha ratio off policy: lora_alpha / r = 8 / 8 = 1, policy wants 2",
+            "*fix: lora_alpha = 16 for r=8",
+        ]
+    )
+
+
+def test_model_by_local_path_and_per_test_marker(lora_pytester: pytest.Pytester, lora_session) -> None:
+    import shutil
+
+    from pytest_lora.models import builtin_model_dir
+
+    local = lora_pytester.path / "models" / "tiny"
+    shutil.copytree(builtin_model_dir(lora_session.settings.cache_dir), local)
+    lora_pytester.makepyfile(
+        CONFIG
+        + """
+import pytest
+
+def test_default(lora_model):
+    assert lora_model(CFG).get_nb_trainable_parameters()[0] == 7168
+
+@pytest.mark.lora(model="models/tiny")
+def test_local(lora_model, lora_settings):
+    assert lora_settings.model.endswith("models/tiny")
+    assert lora_model(CFG).get_nb_trainable_parameters()[0] == 7168
+
+@pytest.mark.lora(model="models/tiny")
+def test_local_again(lora_model):
+    lora_model(CFG)
+"""
+    )
+    result = lora_pytester.runpytest()
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*base model builtin:tiny-llama *loaded 1x*", "*base model */models/tiny *loaded 1x*"])
+
+
+@pytest.mark.parametrize(
+    ("model", "env", "expected"),
+    [
+        ("./no/such/dir", {}, "*ModelLoadError: --lora-model ./no/such/dir: no such directory*"),
+        ("emptydir", {}, "*ModelLoadError: --lora-model emptydir: the directory has no config.json*"),
+        (
+            "some-org/some-model",
+            {"HF_HUB_OFFLINE": "1"},
+            "*ModelLoadError: --lora-model some-org/some-model: a hub id, but HF_HUB_OFFLINE*",
+        ),
+    ],
+)
+def test_bad_model_fails_the_tests_with_a_clear_message(
+    lora_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, model: str, env: dict, expected: str
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (lora_pytester.path / "emptydir").mkdir()
+    lora_pytester.makepyfile("def test_it(lora_base_model):\n    pass\n")
+    result = lora_pytester.runpytest("--lora-model", model)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([expected])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_verify_base_fails_a_session_that_changed_the_weights(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        """
+        import torch
+
+        def test_clean(lora_base_model):
+            pass
+
+        def test_scribbles_on_the_base(lora_base_model):
+            with torch.no_grad():
+                lora_base_model.model.norm.weight.add_(1.0)
+        """
+    )
+    result = lora_pytester.runpytest("--lora-verify-base")
+    result.assert_outcomes(passed=2)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*--lora-verify-base: base weights CHANGED during the session: builtin:tiny-llama*"])
+
+
+def test_verify_base_passes_a_clean_session(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        CONFIG + "def test_train(lora_train):\n    lora_train(CFG, steps=2)\n"
+        "def test_fails(lora_train):\n    lora_train(CFG, steps=2)\n    raise RuntimeError('midway')\n"
+    )
+    result = lora_pytester.runpytest("--lora-verify-base")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*--lora-verify-base: base weights identical at start and end*"])
