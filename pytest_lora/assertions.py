@@ -306,12 +306,20 @@ def _losses_of(losses_or_result: Any) -> list[float]:
     return list(getattr(losses_or_result, "losses", losses_or_result))
 
 
-def _scaling_hint(result: Any) -> str | None:
+def _scaling_hint(result: Any) -> list[str]:
+    """The run's config, and the alpha to fix first when alpha / r is off the policy."""
     config = getattr(result, "config", None)
     if config is None:
-        return None
+        return []
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    return f"config: r={config.r}, lora_alpha={config.lora_alpha:g} (effective scaling {scaling:.4g})"
+    lines = [f"  config: r={config.r}, lora_alpha={config.lora_alpha:g} (effective scaling {scaling:.4g})"]
+    want = active_policy().expected_alpha(config.r, config.use_rslora)
+    if want is not None and not math.isclose(config.lora_alpha, want, rel_tol=1e-6):
+        lines.append(
+            f"  first check alpha: the policy's lora_alpha at r={config.r} is {want:g}; {config.lora_alpha:g} "
+            f"scales the update by {config.lora_alpha / want:.3g}x, which alone can flatten the curve"
+        )
+    return lines
 
 
 def assert_no_plateau(losses_or_result: Any, **overrides: Any) -> None:
@@ -350,9 +358,7 @@ def assert_no_plateau(losses_or_result: Any, **overrides: Any) -> None:
     if verdict.kind == "oscillating":
         swing = verdict.swing * 100 if rule.mode == "rel" else verdict.swing
         lines.append(f"  typical step-to-step swing {swing:.3g}{unit}: noise dominates progress (lr too high?)")
-    hint = _scaling_hint(losses_or_result)
-    if hint:
-        lines.append(f"  {hint}")
+    lines += _scaling_hint(losses_or_result)
     lines += [
         "  what it means: the adapter is not capturing the task: rank too low, or alpha too small for r "
         "(a muted update)",
@@ -383,9 +389,7 @@ def assert_no_overfit(result: Any, val_losses: Sequence[float] | None = None, **
         f"({verdict.train_start:.4f} -> {verdict.train_end:.4f})",
         f"  tolerance {rule.tolerance * factor:g}{unit} ({rule.mode} mode)",
     ]
-    hint = _scaling_hint(result)
-    if hint:
-        lines.append(f"  {hint}")
+    lines += _scaling_hint(result)
     lines += [
         "  what it means: the rank is too high for the data: the adapter memorizes the training examples",
         "  fix (rank guide): lower r to 4-8, raise lora_dropout to 0.1-0.2, add weight_decay > 0",

@@ -215,11 +215,18 @@ def load_base_model(settings: Settings) -> LoadedBase:
         kwargs["quantization_config"] = quant
     else:
         kwargs["dtype"] = _dtype(settings.compute_dtype)
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a progress bar per session is noise in test output
     start = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(_explain_load_failure(source, settings, exc)) from exc
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     elapsed = time.perf_counter() - start
     prepare_base(model)
     return LoadedBase(model, source, device, settings.quantization_label(), elapsed)

@@ -225,14 +225,14 @@ def test_shapes_against_a_config_of_another_rank_fail(lora_model):
 def test_shapes_flag_trainable_params_outside_adapters(lora_model):
     model = lora_model(lora_config(8))
     model.get_base_model().model.norm.weight.requires_grad_(True)
-    with pytest.raises(LoraAssertionError, match="1 trainable parameter.*model.norm.weight"):
+    with pytest.raises(LoraAssertionError, match=r"1 trainable parameter.*model.norm.weight"):
         assert_adapter_shapes(model)
 
 
 def test_overfit_on_synthetic_curves():
     train = [3.0 - 0.05 * i for i in range(40)]
     val = [2.9, 2.8, 2.7, 2.65, 2.7, 2.8, 2.9, 3.0]
-    with pytest.raises(LoraAssertionError, match="overfits[\\s\\S]*lower r to 4-8"):
+    with pytest.raises(LoraAssertionError, match=r"overfits[\s\S]*lower r to 4-8"):
         assert_no_overfit(train, val)
     assert_no_overfit(train, [2.9, 2.8, 2.7, 2.6, 2.5, 2.45, 2.4, 2.35])
 

@@ -139,7 +139,7 @@ def test_marker_keyword_typo_is_an_error_not_ignored(lora_pytester: pytest.Pytes
 @pytest.mark.parametrize(
     ("pyproject", "args", "expected"),
     [
-        ("", ["--lora-policy", "bad.toml"], "policy file bad.toml is not valid TOML: Unclosed array*Fix the syntax there."),
+        ("", ["--lora-policy", "bad.toml"], "policy file bad.toml is not valid TOML: Unclosed array*"),
         ("[tool.pytest_lora.policy]\nalpha_ration = 2.0\n", [], "*unknown key 'alpha_ration'*'alpha_ratio'*"),
         ("[tool.pytest_lora.policy]\nranks = []\n", [], "*ranks = [] is empty*"),
         (
