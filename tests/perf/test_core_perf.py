@@ -1,0 +1,102 @@
+"""Benchmarks of the core fixtures; each reports a ratio against a baseline measured in the same run.
+
+Run for real with `tox -e perf` (or `pytest tests/perf --benchmark-only`); the default suite runs
+them once with `--benchmark-disable`, so they cannot rot. The ratios go to `extra_info`, hence
+to `--benchmark-json`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import lora_config
+
+from pytest_lora.models import load_base_model
+
+pytestmark = pytest.mark.lora
+
+
+def _median_seconds(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def test_attach_detach_vs_base_load(benchmark, lora_session):
+    """Attaching and removing an adapter per test costs a small fraction of loading the base."""
+    manager = lora_session.manager()
+    config = lora_config(8)
+
+    def attach_detach() -> None:
+        manager.attach(config)
+        manager.detach()
+
+    benchmark.group = "core: adapter per test vs base load"
+    benchmark.pedantic(attach_detach, rounds=5, warmup_rounds=1)
+    load = _median_seconds(lambda: load_base_model(lora_session.settings), repeat=3)
+    attach = _median_seconds(attach_detach, repeat=5)
+    benchmark.extra_info.update(load_s=load, attach_detach_s=attach, attach_over_load=attach / load)
+    print(f"\nattach+detach {attach * 1e3:.1f} ms, base load {load * 1e3:.1f} ms: ratio {attach / load:.3f}")
+
+
+def _collect(project, *extra: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *extra],
+        cwd=project,
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_collect_only_cost_of_the_plugin(benchmark, tmp_path):
+    """A project with pytest-lora installed but no LoRA tests collects as fast as with `-p no:lora`."""
+    for module in range(20):
+        tests = "\n".join(f"def test_{i}():\n    assert {i} == {i}\n" for i in range(10))
+        (tmp_path / f"test_plain_{module}.py").write_text(tests)
+    benchmark.group = "core: --collect-only, plugin on vs -p no:lora"
+    benchmark.pedantic(_collect, args=(tmp_path,), rounds=3, warmup_rounds=1)
+    with_plugin = _median_seconds(lambda: _collect(tmp_path), repeat=5)
+    without = _median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=5)
+    benchmark.extra_info.update(with_plugin_s=with_plugin, without_plugin_s=without, ratio=with_plugin / without)
+    print(f"\ncollect-only: with plugin {with_plugin:.3f}s, -p no:lora {without:.3f}s: ratio {with_plugin / without:.3f}")
+
+
+def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
+    """`lora_train` adds little over a plain AdamW loop on the same model, data and steps."""
+    import torch
+
+    from pytest_lora.training import synthetic_data
+
+    steps, batch, seq = 20, 8, 64
+    data = synthetic_data(256, seq)
+
+    def hand_loop() -> float:
+        model = lora_model(lora_config(8))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        start = time.perf_counter()
+        for step in range(steps):
+            rows = data.train[step * batch : (step + 1) * batch]
+            loss = model(input_ids=rows, labels=rows).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return steps * batch * seq / (time.perf_counter() - start)
+
+    def fixture_run() -> float:
+        return lora_train(lora_config(8), steps=steps, batch_size=batch, seq_len=seq, eval_every=steps).tokens_per_second
+
+    benchmark.group = "core: lora_train vs hand-written loop"
+    benchmark.pedantic(fixture_run, rounds=3, warmup_rounds=1)
+    hand = statistics.median(hand_loop() for _ in range(3))
+    ours = statistics.median(fixture_run() for _ in range(3))
+    benchmark.extra_info.update(hand_tokens_per_s=hand, lora_train_tokens_per_s=ours, ratio=ours / hand)
+    print(f"\ntokens/s: lora_train {ours:,.0f}, hand loop {hand:,.0f}: ratio {ours / hand:.3f}")
