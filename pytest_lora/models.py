@@ -15,6 +15,8 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,6 +72,7 @@ class LoadedBase:
     device: str
     quantization: str
     load_seconds: float
+    placement: str = ""  # the device, or how the weights were sharded over several GPUs
 
 
 def default_cache_dir() -> Path:
@@ -127,7 +130,8 @@ def builtin_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
         torch.manual_seed(TINY_LLAMA_SEED)
         model = LlamaForCausalLM(config)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=root))
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _quiet_progress():
+        model.save_pretrained(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another worker won the race: its copy is identical
@@ -135,6 +139,20 @@ def builtin_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """transformers' progress bars (writing shards, loading weights) are noise in test output."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_device(device: str) -> str:
@@ -161,6 +179,17 @@ def resolve_device(device: str) -> str:
                 f"  fix: use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or auto"
             )
     return device
+
+
+def device_map_for(device_setting: str, resolved: str, cuda_count: int, under_xdist: bool) -> str | dict[str, str]:
+    """Where the weights go: one device, or sharded over all GPUs with accelerate's `device_map="auto"`.
+
+    Sharding happens only for `--lora-device auto` on a machine with several GPUs and not under
+    xdist (there each worker owns one GPU): a model larger than one GPU then still loads.
+    """
+    if device_setting == "auto" and cuda_count > 1 and not under_xdist:
+        return "auto"
+    return {"": resolved}
 
 
 def _xdist_worker_index() -> int:
@@ -202,10 +231,13 @@ def load_base_model(settings: Settings) -> LoadedBase:
         )
     location = str(builtin_model_dir(settings.cache_dir)) if source.kind == "builtin" else source.location
     silence_bitsandbytes_kernel_notice()
+    import torch
     from transformers import AutoModelForCausalLM
 
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device_map = device_map_for(settings.device, device, cuda_count, "PYTEST_XDIST_WORKER" in os.environ)
     kwargs: dict[str, Any] = {
-        "device_map": {"": device},
+        "device_map": device_map,
         "trust_remote_code": settings.trust_remote_code,
         "use_safetensors": None if settings.allow_unsafe_pickle else True,
         "local_files_only": source.kind != "hub",
@@ -215,21 +247,20 @@ def load_base_model(settings: Settings) -> LoadedBase:
         kwargs["quantization_config"] = quant
     else:
         kwargs["dtype"] = _dtype(settings.compute_dtype)
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a progress bar per session is noise in test output
     start = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(_explain_load_failure(source, settings, exc)) from exc
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     elapsed = time.perf_counter() - start
     prepare_base(model)
-    return LoadedBase(model, source, device, settings.quantization_label(), elapsed)
+    placement = device
+    if device_map == "auto":
+        placement = "sharded over " + ", ".join(
+            f"cuda:{i} ({torch.cuda.memory_allocated(i) / 2**30:.1f} GiB)" for i in range(cuda_count)
+        )
+    return LoadedBase(model, source, device, settings.quantization_label(), elapsed, placement)
 
 
 def prepare_base(model: Any) -> None:
@@ -276,12 +307,13 @@ def _offline() -> bool:
 
 def _explain_load_failure(source: ModelSource, settings: Settings, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    where = f"--lora-model {source.label}"
+    where = f"--lora-model {settings.model or source.label}"
     lowered = str(exc).lower()
-    if not settings.allow_unsafe_pickle and ("safetensors" in lowered or ".bin" in lowered):
+    pickled = source.kind == "local" and any(Path(source.location).glob("*.bin"))
+    if not settings.allow_unsafe_pickle and pickled and "safetensors" in lowered:
         return (
-            f"{where}: no safetensors weights found ({text}).\n"
-            "  pytest-lora loads safetensors only: pickled checkpoints (*.bin) can run arbitrary code.\n"
+            f"{where}: only pickled weights (*.bin) found, no safetensors ({text}).\n"
+            "  pytest-lora loads safetensors only: unpickling a checkpoint can run arbitrary code.\n"
             "  fix: convert the weights to safetensors, or, if you trust the file, set "
             "allow_unsafe_pickle = true in [tool.pytest_lora]"
         )

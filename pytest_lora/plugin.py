@@ -193,7 +193,7 @@ class LoraReporter:
                 terminalreporter.write_line(f"    {line}")
         for key, loaded in session.bases.items():
             terminalreporter.write_line(
-                f"base model {loaded.source.label} on {loaded.device} ({loaded.quantization}): "
+                f"base model {loaded.source.label} on {loaded.placement or loaded.device} ({loaded.quantization}): "
                 f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s"
             )
         changed = self.state.changed_bases
