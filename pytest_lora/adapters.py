@@ -268,9 +268,14 @@ class AdapterManager:
         self.detach()
         self.assert_clean("before attaching a new adapter")
         matched_modules(self.base, config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed if seed is None else seed)
-            peft_model = get_peft_model(self.base, copy.deepcopy(config))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed if seed is None else seed)
+                peft_model = get_peft_model(self.base, copy.deepcopy(config))
+        except BaseException:
+            strip_adapters(self.base)  # PEFT may have wrapped part of the base before failing
+            self._restore_flags()
+            raise
         saved = {
             name: param.detach().clone()
             for name, param in self.base.named_parameters()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_lora.adapters import AdapterManager, weights_digest
+from pytest_lora.errors import LoraError
 from pytest_lora.models import LoadedBase, load_base_model
 from pytest_lora.policy import Policy
 from pytest_lora.settings import Settings
@@ -44,13 +45,20 @@ class LoraSession:
     managers: dict[tuple[Any, ...], AdapterManager] = field(default_factory=dict)
     loads: Counter[tuple[Any, ...]] = field(default_factory=Counter)
     digests: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    failures: dict[tuple[Any, ...], LoraError] = field(default_factory=dict)
 
     def base(self, settings: Settings | None = None) -> LoadedBase:
         """The base model for these settings, loaded on first use only."""
         settings = settings or self.settings
         key = model_key(settings)
+        if key in self.failures:
+            raise self.failures[key]
         if key not in self.bases:
-            loaded = load_base_model(settings)
+            try:
+                loaded = load_base_model(settings)
+            except LoraError as exc:  # every later test gets the same message, without a second attempt
+                self.failures[key] = exc
+                raise
             self.loads[key] += 1
             self.bases[key] = loaded
             self.managers[key] = AdapterManager(loaded.model, seed=settings.seed)
