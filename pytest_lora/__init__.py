@@ -35,6 +35,7 @@ from pytest_lora.errors import (
     SettingsError,
     TrainingError,
 )
+from pytest_lora.estimate import estimate_lora_parameters
 from pytest_lora.models import BUILTIN_MODEL
 from pytest_lora.policy import Policy, SweepRule, load_policy
 from pytest_lora.training import TrainResult, synthetic_data
@@ -69,6 +70,7 @@ __all__ = [
     "assert_param_budget",
     "assert_policy",
     "count_parameters",
+    "estimate_lora_parameters",
     "load_policy",
     "synthetic_data",
     "use_policy",

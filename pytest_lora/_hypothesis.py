@@ -2,16 +2,17 @@
 
 Hypothesis runs ``_hypothesis_setup_hook`` every time ``hypothesis`` is imported, which is every pytest
 session. Importing peft there would cost seconds (it imports torch) in sessions that never draw a config,
-so the strategy is registered only once peft itself is imported:
+and ``st.register_type_strategy`` needs the class itself, so the strategy is registered once peft is imported:
 
 - peft already imported: register now;
 - otherwise: a one-shot finder on ``sys.meta_path`` notices ``import peft``, lets the normal finders and
-  loader do the work, and registers ``peft.LoraConfig`` right after the package finishes executing (then
-  restores the original loader on the module, so nothing downstream sees the wrapper).
+  loader do the work, and registers ``peft.LoraConfig`` right after the package has executed (the module
+  then gets its original loader back, so nothing downstream sees the wrapper).
 
-Anyone who can write ``st.from_type(LoraConfig)`` has imported peft, so the strategy is always in place by
-then. The registered value is a function of the type, so ``pytest_lora.strategies`` is imported only when
-Hypothesis first resolves ``LoraConfig``.
+Anyone who can write ``st.from_type(LoraConfig)`` has imported peft, so the strategy is in place by then.
+The registered value is a function of the type, so ``pytest_lora.strategies`` is imported only when
+Hypothesis first resolves ``LoraConfig``. (Hypothesis' own lazy table for numpy, ``_global_extra_lookup``,
+would do the same but is private.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 CI_PROFILE = "lora-ci"
@@ -30,13 +32,15 @@ CI_MAX_EXAMPLES = 25
 """Examples per test under ``lora-ci``: each may attach an adapter to the 4-bit base, so keep it bounded."""
 
 
-def _register_profile() -> None:
-    """Register ``lora-ci``: reproducible (derandomized), no deadline (first attach is slow), bounded."""
+def register_profile() -> None:
+    """Register ``lora-ci``: reproducible (derandomized, no example database), no deadline (a loaded CI
+    runner is slow), bounded."""
     from hypothesis import HealthCheck, settings
 
     settings.register_profile(
         CI_PROFILE,
         derandomize=True,
+        database=None,
         deadline=None,
         max_examples=CI_MAX_EXAMPLES,
         suppress_health_check=[HealthCheck.too_slow],
@@ -51,17 +55,18 @@ def _lora_config_strategy(thing: type) -> Any:
     return lora_configs()
 
 
-def _register_lora_config(peft_module: types.ModuleType) -> None:
+def _register_lora_config(peft: types.ModuleType) -> None:
     from hypothesis import strategies as st
 
-    st.register_type_strategy(peft_module.LoraConfig, _lora_config_strategy)
+    st.register_type_strategy(peft.LoraConfig, _lora_config_strategy)
 
 
-class _RegisterAfterExec(importlib.abc.Loader):
-    """Wraps peft's loader: executes the package as usual, then registers ``LoraConfig``."""
+class _CallbackLoader(importlib.abc.Loader):
+    """Executes a module with its own loader, restores that loader on the module, then calls back."""
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[types.ModuleType], None]) -> None:
         self._loader = loader
+        self._callback = callback
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self._loader.create_module(spec)
@@ -73,32 +78,37 @@ class _RegisterAfterExec(importlib.abc.Loader):
             module.__loader__ = self._loader
             if module.__spec__ is not None:
                 module.__spec__.loader = self._loader
-        _register_lora_config(module)
+        self._callback(module)
 
 
-class _PeftImportWatcher(importlib.abc.MetaPathFinder):
-    """One-shot finder: on ``import peft``, find it with the other finders and wrap its loader."""
+class AfterImport(importlib.abc.MetaPathFinder):
+    """One-shot finder: when top-level module `name` is first imported, call `callback(module)` after it ran."""
+
+    def __init__(self, name: str, callback: Callable[[types.ModuleType], None]) -> None:
+        self.name = name
+        self.callback = callback
 
     def find_spec(self, fullname: str, path: Any, target: types.ModuleType | None = None) -> Any:
-        if fullname != "peft":
+        if fullname != self.name:
             return None
-        _uninstall_watcher()
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        spec.loader = _RegisterAfterExec(spec.loader)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CallbackLoader(spec.loader, self.callback)
         return spec
 
 
-def _uninstall_watcher() -> None:
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _PeftImportWatcher)]
+def call_after_import(name: str, callback: Callable[[types.ModuleType], None]) -> None:
+    """`callback(module)` now if `name` is imported, else right after its first import (once per name)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+    elif not any(isinstance(f, AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, AfterImport(name, callback))
 
 
 def _hypothesis_setup_hook() -> None:
-    """Entry point (group ``hypothesis``): profile now, ``LoraConfig`` strategy when peft is imported."""
-    _register_profile()
-    peft = sys.modules.get("peft")
-    if peft is not None and hasattr(peft, "LoraConfig"):
-        _register_lora_config(peft)
-    elif not any(isinstance(finder, _PeftImportWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _PeftImportWatcher())
+    """Entry point (group ``hypothesis``): the profile now, the ``LoraConfig`` strategy once peft is imported."""
+    register_profile()
+    call_after_import("peft", _register_lora_config)

@@ -48,17 +48,21 @@ class AdapterFiles:
 def read_adapter(path: str | os.PathLike[str]) -> AdapterFiles:
     """Read an adapter directory, an `adapter_config.json` (or any JSON) or a TOML file of LoraConfig fields.
 
+    An `adapter_config.json` stands for its directory, so weights saved next to it are checked too.
     Raises AdapterConfigError naming the file for a missing file, bad JSON/TOML or a non-table top level.
     """
     path = Path(path)
-    if path.is_dir():
-        config_file = path / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterConfigError(f"{path} does not exist; check the path.")
+    if path.is_dir() or path.name == ADAPTER_CONFIG:
+        folder = path if path.is_dir() else path.parent
+        config_file = folder / ADAPTER_CONFIG
         if not config_file.is_file():
             raise AdapterConfigError(
-                f"{path}: a directory without {ADAPTER_CONFIG}, so it is not a saved adapter.\n"
+                f"{folder}: a directory without {ADAPTER_CONFIG}, so it is not a saved adapter.\n"
                 f"  fix: point at the directory `save_pretrained` wrote, or at a {' / '.join(CONFIG_SUFFIXES)} file"
             )
-        weights, pickled = path / SAFETENSORS_WEIGHTS, path / PICKLED_WEIGHTS
+        weights, pickled = folder / SAFETENSORS_WEIGHTS, folder / PICKLED_WEIGHTS
         return AdapterFiles(
             path=path,
             config_file=config_file,
@@ -80,8 +84,6 @@ def _read_fields(path: Path) -> dict[str, Any]:
         return read_toml(path, AdapterConfigError, "adapter config", "check the path")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AdapterConfigError(f"adapter config {path} does not exist; check the path.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AdapterConfigError(f"adapter config {path} cannot be read ({exc}); check the file.") from None
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +23,12 @@ from typing import Any
 from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
 
 _LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
+# What PEFT's LoRA can wrap; matching anything else (a norm, a whole block) fails deep inside PEFT.
+_LORA_LAYER_CLASSES = (*_LINEAR_CLASSES, "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
+_BIAS_MODES = ("none", "all", "lora_only")
+# Inits that leave the base untouched and need no data: others (PiSSA, OLoRA, CorDA, LoftQ, EVA, ...)
+# rewrite the base weights at attach time, which a shared base cannot survive.
+_SHARED_BASE_INITS = (True, False, "gaussian")
 # Submodules that PEFT adds inside an adapted layer: never targets themselves.
 _INTERNAL = re.compile(r"\.(lora_[A-Za-z_]+|base_layer|modules_to_save|original_module)(\.|$)")
 
@@ -55,8 +62,8 @@ def _check_values(config: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         problems.append(f"r = {r!r}: the rank must be an int >= 1 (typical: 4, 8, 16)")
     alpha = config.lora_alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        problems.append(f"lora_alpha = {alpha!r}: must be > 0 (the usual heuristic is 2 * r)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        problems.append(f"lora_alpha = {alpha!r}: must be a finite number > 0 (the usual heuristic is 2 * r)")
     dropout = config.lora_dropout
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         problems.append(f"lora_dropout = {dropout!r}: must be in [0, 1) (typical: 0.05 - 0.1)")
@@ -67,8 +74,31 @@ def _check_values(config: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             problems.append(f"alpha_pattern[{key!r}] = {value!r}: must be > 0")
     targets = config.target_modules
-    if targets is not None and not isinstance(targets, str) and len(targets) == 0:
-        problems.append("target_modules = []: empty, so no module would be adapted (e.g. ['q_proj', 'v_proj'])")
+    if targets is not None and not isinstance(targets, str):
+        if len(targets) == 0:
+            problems.append("target_modules = []: empty, so no module would be adapted (e.g. ['q_proj', 'v_proj'])")
+        problems += [
+            f"target_modules entry {t!r}: must be a module name (str)" for t in targets if not isinstance(t, str)
+        ]
+    if config.bias not in _BIAS_MODES:
+        problems.append(f"bias = {config.bias!r}: must be one of {', '.join(map(repr, _BIAS_MODES))}")
+    init = config.init_lora_weights
+    if init not in _SHARED_BASE_INITS:
+        reason = (
+            "it rewrites the base weights (or needs data / a 16-bit base): a base shared by every test cannot allow it"
+            if isinstance(init, str)
+            else "not an init PEFT knows"
+        )
+        problems.append(
+            f"init_lora_weights = {init!r}: {reason}; use True (PEFT's default), False or 'gaussian' "
+            "(test data-driven inits such as PiSSA or OLoRA on a model loaded by hand)"
+        )
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name) or {}:
+            try:
+                re.compile(key)
+            except (re.error, TypeError) as exc:
+                problems.append(f"{field_name} key {key!r}: not a valid regular expression ({exc})")
     if problems:
         raise AdapterConfigError("invalid LoraConfig:\n  " + "\n  ".join(problems))
 
@@ -102,18 +132,32 @@ def matched_modules(model: Any, config: Any) -> list[str]:
         targets = _default_targets(model)
     if targets == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return [k for names in linear.values() for k in names if model.get_submodule(k) is not output]
-    entries = [targets] if isinstance(targets, str) else sorted(targets)
-    matched: dict[str, None] = {}
-    for entry in entries:
-        hits = [k for k in keys if _module_matches(config, None if isinstance(targets, str) else entry, k)]
-        if not hits:
-            raise AdapterConfigError(_no_match_message("target_modules", entry, linear))
-        matched.update(dict.fromkeys(hits))
+        names = [k for group in linear.values() for k in group if model.get_submodule(k) is not output]
+        probe = copy.copy(config)
+        probe.target_modules = set(names)
+        matched = dict.fromkeys(k for k in names if _module_matches(probe, None, k))
+        if not matched:
+            raise AdapterConfigError(_selection_message("target_modules", "all-linear", config, linear))
+    else:
+        entries = [targets] if isinstance(targets, str) else sorted(targets)
+        matched = {}
+        for entry in entries:
+            hits = [k for k in keys if _module_matches(config, None if isinstance(targets, str) else entry, k)]
+            if not hits:
+                raise AdapterConfigError(_no_match_message("target_modules", entry, config, linear, keys))
+            matched.update(dict.fromkeys(hits))
+    unsupported = [k for k in matched if type(model.get_submodule(k)).__name__ not in _LORA_LAYER_CLASSES]
+    if unsupported:
+        kind = type(model.get_submodule(unsupported[0])).__name__
+        raise AdapterConfigError(
+            f"LoraConfig.target_modules matches {unsupported[0]!r}, a {kind}: LoRA can only wrap linear, "
+            f"embedding, convolution or attention layers.\n  linear modules: {', '.join(linear)}\n"
+            "  fix: target the linear layers inside it (e.g. 'gate_proj' rather than 'mlp')"
+        )
     for field_name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field_name) or {}:
             if not any(re.match(rf"(.*\.)?({key})$", name) for name in matched):
-                raise AdapterConfigError(_no_match_message(field_name, key, linear))
+                raise AdapterConfigError(_no_match_message(field_name, key, config, linear, list(matched)))
     return list(matched)
 
 
@@ -130,7 +174,19 @@ def _default_targets(model: Any) -> list[str]:
     return list(defaults[model_type])
 
 
-def _no_match_message(field_name: str, entry: str, linear: Mapping[str, list[str]]) -> str:
+def _no_match_message(
+    field_name: str, entry: str, config: Any, linear: Mapping[str, list[str]], candidates: list[str]
+) -> str:
+    """Why an entry selects nothing: a typo, a real module the config does not target, or a filter."""
+    exists = any(k == entry or k.endswith(f".{entry}") for group in linear.values() for k in group)
+    if exists and field_name != "target_modules":
+        return (
+            f"LoraConfig.{field_name} entry {entry!r} names a module this config does not adapt, so it has no "
+            f"effect.\n  adapted modules: {_short_names(candidates)}\n"
+            f"  fix: add {entry!r} to target_modules, or drop it from {field_name}"
+        )
+    if exists:
+        return _selection_message(field_name, entry, config, linear)
     close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], list(linear), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     example = next(iter(linear.values()))[0]
@@ -141,6 +197,23 @@ def _no_match_message(field_name: str, entry: str, linear: Mapping[str, list[str
         "  PEFT itself only fails when no entry matches at all, so a typo here would silently train fewer modules.\n"
         "  fix: use one of the names above"
     )
+
+
+def _selection_message(field_name: str, entry: str, config: Any, linear: Mapping[str, list[str]]) -> str:
+    """The entry names real modules, but layers_to_transform / exclude_modules filter all of them out."""
+    layers = getattr(config, "layers_to_transform", None)
+    excluded = getattr(config, "exclude_modules", None)
+    n_layers = len({k.split(".layers.")[1].split(".")[0] for g in linear.values() for k in g if ".layers." in k})
+    return (
+        f"LoraConfig.{field_name} entry {entry!r} names modules of this model, but "
+        f"layers_to_transform = {layers!r} / exclude_modules = {excluded!r} leave none of them.\n"
+        f"  the model has {n_layers} layers (indices 0 .. {n_layers - 1})\n"
+        "  fix: pick layer indices that exist, or exclude fewer modules"
+    )
+
+
+def _short_names(names: list[str]) -> str:
+    return ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)) or "(none)"
 
 
 @dataclass(frozen=True)

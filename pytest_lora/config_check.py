@@ -18,6 +18,7 @@ from pytest_lora.assertions import assert_policy
 from pytest_lora.counting import LoraModuleShape, ParamCount, count_parameters
 from pytest_lora.errors import AdapterConfigError, LoraAssertionError
 from pytest_lora.estimate import attach_on_meta, meta_model, module_features, rank_setting
+from pytest_lora.models import silence_bitsandbytes_kernel_notice
 from pytest_lora.policy import Policy
 
 _SHOWN = 5  # modules listed per problem before "... and N more"
@@ -52,6 +53,7 @@ def check_adapter(
     read as a LoraConfig, LoraAssertionError listing every violation (file, key, value, fix) otherwise.
     """
     __tracebackhide__ = True
+    silence_bitsandbytes_kernel_notice()  # importing PEFT imports bitsandbytes
     files = read_adapter(path)
     config = lora_config(files.fields, str(files.config_file))
     model = meta_model(base, trust_remote_code=trust_remote_code)
@@ -66,16 +68,24 @@ def check_adapter(
         problems += _tensor_problems(files, config, saved, model, targeted)
     if resume_rank is not None:
         problems += _resume_problems(resume_rank, resume_source, files, config, saved)
-    adapted = attach_on_meta(model, config) if targeted is not None else None
+    adapted = None
+    if targeted is not None:
+        try:
+            adapted = attach_on_meta(model, config)
+        except AdapterConfigError as exc:
+            problems.append(str(exc))
     try:
         assert_policy(adapted if adapted is not None else config, policy)
     except LoraAssertionError as exc:
         problems.append(str(exc))
+    except (TypeError, ValueError):
+        if not problems:  # only values already reported as invalid (r = "8") can break the comparisons
+            raise
     if problems:
         label = base_label or str(base)
         lines = [
-            f"{files.path}: {len(problems)} problem(s) against the LoRA policy ({policy.source}); "
-            f"base model {label}, built on the meta device (no weights loaded)",
+            f"{files.path} violates the LoRA policy ({policy.source}); "
+            f"checked on base model {label}, built on the meta device (no weights loaded):",
         ]
         lines += [f"  - {problem}".replace("\n", "\n    ") for problem in problems]
         raise LoraAssertionError("\n".join(lines))

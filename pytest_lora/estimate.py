@@ -19,6 +19,7 @@ from typing import Any
 from pytest_lora.adapters import as_lora_config, matched_modules
 from pytest_lora.counting import LoraModuleShape, ParamCount, count_parameters
 from pytest_lora.errors import AdapterConfigError, ModelLoadError
+from pytest_lora.models import silence_bitsandbytes_kernel_notice
 
 # LoraConfig fields the shape rule accounts for; any other field away from its default is counted by PEFT.
 _SHAPE_RULE_FIELDS = frozenset(
@@ -154,7 +155,8 @@ def planned_shapes(model: Any, config: Any) -> list[LoraModuleShape] | None:
         features = module_features(model.get_submodule(name))
         if features is None:
             return None
-        shapes.append(LoraModuleShape(name, in_features=features[0], out_features=features[1], r=rank_setting(config, name)[1]))
+        r = rank_setting(config, name)[1]
+        shapes.append(LoraModuleShape(name, in_features=features[0], out_features=features[1], r=r))
     return shapes
 
 
@@ -178,6 +180,7 @@ def attach_on_meta(model: Any, config: Any) -> Any:
 
     config = copy.deepcopy(as_lora_config(config))
     config.inference_mode = False  # a saved adapter_config.json says true; the question is training
+    config.base_model_name_or_path = None  # PEFT warns when it differs from the (meta) model's name
     try:
         return get_peft_model(model, config, low_cpu_mem_usage=True)
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
@@ -208,6 +211,7 @@ def estimate_lora_parameters(base: Any, config: Any, *, trust_remote_code: bool 
     >>> estimate_lora_parameters("meta-llama/Llama-2-7b-hf", {"r": 8, "target_modules": ["q_proj", "v_proj"]})
     ParamCount(trainable=4194304, total=6742609920)
     """
+    silence_bitsandbytes_kernel_notice()  # importing PEFT imports bitsandbytes
     config = as_lora_config(config)
     is_model = hasattr(base, "named_modules")
     if is_model and getattr(base, "peft_config", None):

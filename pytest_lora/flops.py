@@ -6,19 +6,23 @@ input gradient (another 2*in*out, no weight gradient), while an adapter pays for
 gradients (2 + 2 + 2 per parameter). Attention (QK^T and AV) costs 4*T*w forward and twice that
 backward, w = heads * head_dim. Hence, for L layers:
 
-    model FLOPs / token ~= 4*N_base + 6*N_lora + 12*L*w*T        (Kaplan et al. 2020; PaLM appendix B)
+    model FLOPs / token = 4*N_base + 6*N_lora + 12*L*w*T        (Kaplan et al. 2020; PaLM appendix B)
 
-refined in one way: no gradient flows into layers below the first adapted one, so those layers count
-forward work only (2*N + 4*w*T). Gradient checkpointing re-runs each backward layer's forward during
-the backward pass: 2*N_layer + 2*N_lora_layer + 4*w*T more per layer, reported as *hardware* FLOPs.
-MFU uses model FLOPs (recompute excluded), as PaLM defines it.
+refined where autograd provably does less: no gradient flows into layers below the first adapted one,
+so they count forward work only (2*N + 4*w*T); and in the first adapted layer the attention input
+projections (q/k/v_proj, qkv_proj, query_key_value, c_attn, Wqkv, recognised by name) read a tensor
+that needs no gradient, so neither their base weights nor their lora_A compute an input gradient, and
+attention skips the gradient of each Q/K/V operand without an adapter. Gradient checkpointing re-runs
+each backward layer's forward: 2*N_layer + 2*N_lora_layer + 4*w*T more per layer, reported as
+*hardware* FLOPs. MFU uses model FLOPs (recompute excluded), as PaLM defines it.
 
 Left out, on purpose: elementwise work (norms, activations, rotary, softmax, the loss), embedding
-lookups, the optimizer step, and the input gradients autograd skips inside the first adapted layer
-(the modules that read that layer's input have nothing trainable upstream). The last one makes the
-formula read high: +2.5% against `torch.utils.flop_counter.FlopCounterMode` on the 4-layer tiny model
-with q_proj/v_proj adapters in every layer, about 0.4% on a 32-layer 7B model at T = 2048. The attention term is
-counted in full although a causal FlashAttention kernel skips about half of it (the PaLM convention).
+lookups, the optimizer step, and, when the first adapted layer adapts no attention projection (MLP-only
+targets), the gradients its attention block and the MLP's input projections skip there (then the count
+reads high: 10% on the 4-layer tiny model, about 1.3% on a 32-layer 7B at T = 2048). With those exceptions it
+equals `torch.utils.flop_counter.FlopCounterMode` exactly on the unquantized tiny model (see the
+tests). The attention term is counted in full although a causal FlashAttention kernel skips about half
+of it (the PaLM convention).
 """
 
 from __future__ import annotations
@@ -28,7 +32,19 @@ from dataclasses import dataclass
 
 from pytest_lora.shapes import ModelShape
 
-FORMULA = "4*N_base + 6*N_lora + 12*L*w*T per token (layers below the first adapter: forward only)"
+# Attention input projections by name, and the operands (Q, K, V) each one produces.
+_ATTENTION_INPUTS: dict[str, str] = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "qkv_proj": "qkv",
+    "query_key_value": "qkv",
+    "c_attn": "qkv",
+    "Wqkv": "qkv",
+}
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,8 @@ def step_flops(shape: ModelShape, seq_len: int, *, gradient_checkpointing: bool 
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}: must be >= 1")
-    base = lora = attention = recompute = 0.0
+    base, lora, attention = _skipped_in_first_layer(shape, seq_len)
+    recompute = 0.0
     for linear in shape.linears:
         backward = shape.in_backward(linear.layer)
         base += (4 if backward else 2) * linear.params
@@ -72,6 +89,31 @@ def step_flops(shape: ModelShape, seq_len: int, *, gradient_checkpointing: bool 
             base_params, lora_params = shape.layer_params(layer)
             recompute += 2 * base_params + 2 * lora_params + attention_forward
     return StepFlops(base=base, lora=lora, attention=attention, recompute=recompute, seq_len=seq_len)
+
+
+def _skipped_in_first_layer(shape: ModelShape, seq_len: int) -> tuple[float, float, float]:
+    """Minus the (base, lora, attention) FLOPs per token autograd skips in the first adapted layer.
+
+    Its attention input projections read the layer's input, which has nothing trainable upstream: no
+    input gradient for their base weights nor their lora_A; and attention computes no gradient for an
+    operand (Q, K or V) without an adapter, nor for the probabilities when neither Q nor K has one.
+    """
+    first = shape.first_adapted_layer
+    readers = [
+        linear
+        for linear in shape.linears
+        if linear.layer is not None and linear.layer == first and linear.name.rsplit(".", 1)[-1] in _ATTENTION_INPUTS
+    ]
+    with_grad = set("".join(_ATTENTION_INPUTS[linear.name.rsplit(".", 1)[-1]] for linear in readers if linear.r))
+    if not with_grad:
+        return 0.0, 0.0, 0.0
+    operand = 2.0 * seq_len * shape.attention_width
+    skipped_operands = len(set("qkv") - with_grad) + (0 if with_grad & {"q", "k"} else 1)
+    return (
+        -sum(2.0 * linear.params for linear in readers),
+        -sum(2.0 * linear.r * linear.in_features for linear in readers),
+        -operand * skipped_operands,
+    )
 
 
 # --- peak FLOP/s --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_lora.shapes import ModelShape, QuantLayout, meta_skeleton, model_shape
+from pytest_lora.shapes import ModelShape, QuantLayout, dtype_bytes, model_shape
 
 
 @dataclass
@@ -127,8 +127,11 @@ class MemoryEstimate:
             ("LoRA weights", self.lora_weights, f"{self.lora_params:,} params x 4 B (fp32)"),
             ("LoRA gradients", self.lora_grads, "4 B/param"),
             ("optimizer state", self.optimizer_state, f"{self.optimizer}"),
-            ("activations", self.activations, f"batch {self.batch_size} x seq {self.seq_len}, {checkpointing} "
-             "gradient checkpointing"),
+            (
+                "activations",
+                self.activations,
+                f"batch {self.batch_size} x seq {self.seq_len}, {checkpointing} gradient checkpointing",
+            ),
             ("logits", self.logits, "batch x seq x vocab, fp32 for the loss"),
             ("workspace", self.workspace, "largest 4-bit weight dequantized"),
         )
@@ -142,12 +145,12 @@ def activation_bytes_per_token(shape: ModelShape, *, gradient_checkpointing: boo
 
     Per layer (c = activation element size; a frozen linear keeps nothing, it needs no weight gradient):
     the two RMSNorms keep their fp32 input (2 x 4h); each adapter keeps its input upcast to fp32 (4 d_in,
-    PEFT runs adapters in fp32) and the rank-r middle (4r), plus the dropout mask when dropout > 0 (1 B on CUDA, 4 B on the CPU);
-    attention keeps q, k, v and its output (c (2w + 2w_kv)) and the log-sum-exp, or with eager attention
-    also the T x T probabilities (2c heads T); a gated MLP keeps the gate, its activation and up
-    (3c i), a plain one its pre-activation (c i). This follows Korthikanti et al. 2022 (34 s b h per
-    layer for full training) with the weight-gradient inputs removed. Checkpointing keeps each layer's
-    input (c h) and one layer's set while it is recomputed.
+    PEFT runs adapters in fp32), the rank-r middle (4r), and its dropout mask when dropout > 0 (1 B on
+    CUDA, 4 B on the CPU); attention keeps q, k, v, its output (c (2w + 2w_kv)) and the log-sum-exp,
+    eager attention also the T x T probabilities; a gated MLP keeps the gate, its activation and up
+    (3c i), a plain one its pre-activation (c i). This is Korthikanti et al. 2022 (34 s b h per layer
+    for full training) without the inputs kept only for weight gradients. Checkpointing keeps each
+    layer's input (c h) and one layer's set while it is recomputed.
     """
     c = shape.activation_bytes
     norms = 2 * 4 * shape.hidden_size
@@ -159,9 +162,7 @@ def activation_bytes_per_token(shape: ModelShape, *, gradient_checkpointing: boo
         if not shape.in_backward(layer):
             continue
         adapters = sum(
-            (4 + dropout_mask) * linear.in_features + 4 * linear.r
-            for linear in shape.adapted
-            if linear.layer == layer
+            (4 + dropout_mask) * linear.in_features + 4 * linear.r for linear in shape.adapted if linear.layer == layer
         )
         per_layer.append(norms + attention + mlp + adapters)
     if not per_layer:
@@ -226,8 +227,25 @@ def memory_breakdown(
     )
 
 
-def _is_module(value: Any) -> bool:
-    return hasattr(value, "named_modules") and hasattr(value, "parameters")
+DEFAULT_QUANT = QuantLayout()
+
+
+def shape_for_estimate(base: Any, config: Any = None, quant: QuantLayout | None = DEFAULT_QUANT) -> ModelShape:
+    """The `ModelShape` `estimate_memory` works on: a loaded model as it is, anything else as a meta skeleton.
+
+    A skeleton's unquantized weights count at the config's dtype (what `from_pretrained` keeps them in),
+    bfloat16 when the config names none.
+    """
+    from pytest_lora.estimate import meta_model
+
+    if hasattr(base, "named_modules") and hasattr(base, "parameters"):
+        if not next((param.is_meta for param in base.parameters()), False):
+            return model_shape(base, config)
+        model = base
+    else:
+        model = meta_model(base)
+    own = getattr(model.config, "dtype", None)
+    return model_shape(model, config, quant=quant, element_bytes=dtype_bytes(own) if own is not None else 2)
 
 
 def estimate_memory(
@@ -238,7 +256,7 @@ def estimate_memory(
     seq_len: int,
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
-    quant: QuantLayout | None = QuantLayout(),
+    quant: QuantLayout | None = DEFAULT_QUANT,
 ) -> MemoryEstimate:
     """Peak memory of one LoRA training step of `base` with adapter `config`, from shapes alone.
 
@@ -257,14 +275,8 @@ def estimate_memory(
     twice during the backward of the loss); one dequantized weight as workspace. Left out: the CUDA
     context and allocator fragmentation (outside `max_memory_allocated`), the optimizer's temporaries.
     """
-    if _is_module(base):
-        model = base
-        is_meta = next((p.is_meta for p in model.parameters()), False)
-        shape = model_shape(model, config, quant=quant if is_meta else None)
-    else:
-        shape = model_shape(meta_skeleton(base), config, quant=quant)
     return memory_breakdown(
-        shape,
+        shape_for_estimate(base, config, quant),
         batch_size=batch_size,
         seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing,

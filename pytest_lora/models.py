@@ -192,6 +192,21 @@ def device_map_for(device_setting: str, resolved: str, cuda_count: int, under_xd
     return {"": resolved}
 
 
+def share_cpu_between_workers() -> None:
+    """Under xdist, give each worker its share of the cores instead of all of them each.
+
+    N workers with torch's default thread count each oversubscribe the CPU, and torch's OpenMP
+    threads then spin against each other (steps get many times slower). `OMP_NUM_THREADS`, when
+    set, is the user's choice and is left alone.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not workers.isdigit() or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def _xdist_worker_index() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     digits = worker.lstrip("gw")
@@ -234,6 +249,7 @@ def load_base_model(settings: Settings) -> LoadedBase:
     import torch
     from transformers import AutoModelForCausalLM
 
+    share_cpu_between_workers()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device_map = device_map_for(settings.device, device, cuda_count, "PYTEST_XDIST_WORKER" in os.environ)
     kwargs: dict[str, Any] = {

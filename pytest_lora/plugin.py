@@ -15,10 +15,15 @@ import pytest
 from pytest_lora import fixtures
 from pytest_lora.assertions import set_active_policy
 from pytest_lora.errors import LoraAssertionError, LoraError, SettingsError
+from pytest_lora.models import silence_bitsandbytes_kernel_notice
 from pytest_lora.policy import Policy, load_policy, policy_from_pyproject
 from pytest_lora.session import LoraSession
 from pytest_lora.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
 from pytest_lora.state import MARKER, STATE, LoraState, marker_overrides
+
+# Extension plugins that add options must load with the plugin (before the command line is parsed);
+# `-p no:lora` disables them too.
+pytest_plugins = ("pytest_lora.collect", "pytest_lora.sweep_plugin")
 
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _OWN_DIR = str(Path(__file__).parent)
@@ -72,6 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _require_gpu()
     config.stash[STATE] = state
     set_active_policy(state.session.policy)
+    silence_bitsandbytes_kernel_notice()
     config.pluginmanager.register(fixtures, "lora-fixtures")
     config.pluginmanager.register(LoraReporter(state), "lora-reporter")
 

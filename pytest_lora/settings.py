@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Protocol
 
-from pytest_lora.errors import SettingsError
+from pytest_lora.errors import LoraError, SettingsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -129,7 +129,7 @@ def _item(index: int, item: object, hint: object) -> object:
         raise _Mismatch(f"has item {index} = {show(item)} that {exc}") from None
 
 
-def check_value(value: object, hint: object, key: str, error: type[SettingsError] = SettingsError) -> object:
+def check_value(value: object, hint: object, key: str, error: type[LoraError] = SettingsError) -> object:
     """Return `value` normalised to the field type `hint`, or raise `error` naming `key` and the value.
 
     One rule set for TOML, ini, CLI and marker values, so a policy and a setting fail alike: a TOML int is
@@ -185,7 +185,7 @@ def reject_unknown(
     table: Mapping[object, object],
     valid: Collection[str],
     where: str,
-    error: type[SettingsError] = SettingsError,
+    error: type[LoraError] = SettingsError,
     *,
     prefix: str = "",
     noun: str = "key",
@@ -205,7 +205,7 @@ def reject_unknown(
             raise error(f"{where} unknown {noun} {shown}.{guess} Valid {noun}s: {listing}.")
 
 
-def read_toml(path: str | os.PathLike[str], error: type[SettingsError], what: str, fix: str) -> dict[str, object]:
+def read_toml(path: str | os.PathLike[str], error: type[LoraError], what: str, fix: str) -> dict[str, object]:
     """Parse a TOML file; a missing file, an unreadable one or bad TOML becomes `error` naming the file."""
     name = os.fspath(path)
     try:
@@ -217,10 +217,12 @@ def read_toml(path: str | os.PathLike[str], error: type[SettingsError], what: st
         raise error(f"{what} {name} cannot be read ({exc.strerror}); {fix}.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{what} {name} is not valid TOML: {exc}. Fix the syntax there.") from None
+    except RecursionError:
+        raise error(f"{what} {name} is not valid TOML: nested too deeply to parse. Fix the syntax there.") from None
 
 
 def tool_table(
-    data: Mapping[str, object], path: str | os.PathLike[str], error: type[SettingsError] = SettingsError
+    data: Mapping[str, object], path: str | os.PathLike[str], error: type[LoraError] = SettingsError
 ) -> dict[str, object]:
     """The `[tool.pytest_lora]` table of parsed pyproject data, {} when absent."""
     tool = data.get("tool")
@@ -235,7 +237,7 @@ def tool_table(
     return table
 
 
-def read_pyproject(path: str | os.PathLike[str], error: type[SettingsError] = SettingsError) -> dict[str, object]:
+def read_pyproject(path: str | os.PathLike[str], error: type[LoraError] = SettingsError) -> dict[str, object]:
     """The `[tool.pytest_lora]` table of a pyproject.toml ({} when absent); bad TOML raises `error`."""
     data = read_toml(path, error, "pyproject file", "check the path")
     return tool_table(data, path, error)

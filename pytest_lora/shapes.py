@@ -9,13 +9,14 @@ and PEFT are imported inside the functions.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from pytest_lora.adapters import as_lora_config, linear_module_names, matched_modules
 from pytest_lora.counting import lora_module_shapes
+from pytest_lora.errors import AdapterConfigError
+from pytest_lora.estimate import module_features, rank_setting
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -114,13 +115,6 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _features(module: Any) -> tuple[int, int]:
-    if hasattr(module, "in_features"):
-        return int(module.in_features), int(module.out_features)
-    rows, cols = module.weight.shape  # transformers Conv1D stores the weight as (in, out)
-    return int(rows), int(cols)
-
-
 def _config_value(config: Any, *names: str, default: Any = None) -> Any:
     for name in names:
         value = getattr(config, name, None)
@@ -132,20 +126,19 @@ def _config_value(config: Any, *names: str, default: Any = None) -> Any:
 def _ranks(model: Any, config: Any) -> tuple[dict[str, int], float]:
     """Rank per adapted module name and the dropout, from a PeftModel or a LoraConfig on a plain base."""
     if hasattr(model, "peft_config"):
+        if config is not None:
+            raise AdapterConfigError(
+                f"{type(model).__name__} already carries a LoRA adapter, so a second config would not apply.\n"
+                "  fix: pass the PeftModel alone, or its base model with the config"
+            )
         peft_config = model.peft_config.get("default") or next(iter(model.peft_config.values()))
         prefix = "base_model.model."
         ranks = {shape.name.removeprefix(prefix): shape.r for shape in lora_module_shapes(model)}
         return ranks, float(peft_config.lora_dropout)
     if config is None:
         return {}, 0.0
-    from peft.utils.other import get_pattern_key
-
     config = as_lora_config(config)
-    pattern = config.rank_pattern or {}
-    ranks = {}
-    for name in matched_modules(model, config):
-        key = get_pattern_key(list(pattern), name)
-        ranks[name] = int(pattern.get(key, config.r))
+    ranks = {name: int(rank_setting(config, name)[1]) for name in matched_modules(model, config)}
     return ranks, float(config.lora_dropout)
 
 
@@ -159,17 +152,25 @@ def _quant_layout(model: Any) -> QuantLayout | None:
                 blocksize=int(state.blocksize),
                 double_quant=nested,
                 nested_blocksize=int(state.state2.blocksize) if nested else 256,
-                compute_bytes=_DTYPE_BYTES.get(str(getattr(module, "compute_dtype", None)).removeprefix("torch."), 2),
+                compute_bytes=dtype_bytes(getattr(module, "compute_dtype", None)),
             )
     return None
 
 
-def model_shape(model: Any, config: Any = None, *, quant: QuantLayout | None = None) -> ModelShape:
+def dtype_bytes(dtype: Any, default: int = 2) -> int:
+    """Element size of a dtype given as a torch dtype or its name (`torch.bfloat16`, "float32")."""
+    return _DTYPE_BYTES.get(str(dtype).removeprefix("torch."), default)
+
+
+def model_shape(
+    model: Any, config: Any = None, *, quant: QuantLayout | None = None, element_bytes: int | None = None
+) -> ModelShape:
     """The shape of `model` (plain, 4-bit, meta or a `PeftModel`) with `config`'s adapters (if given).
 
-    `quant`: how to treat the linears of an unquantized skeleton (the meta device): given, every linear
+    For a skeleton on the meta device: `quant` says how its linears would be stored (given, every linear
     but the output head counts as 4-bit, as transformers' bitsandbytes integration leaves the head
-    unquantized. For a model loaded in 4 bits the layout is read from its weights.
+    unquantized) and `element_bytes` the element size its other weights and activations would have.
+    A loaded model answers both from its own weights.
     """
     ranks, dropout = _ranks(model, config)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -185,7 +186,10 @@ def model_shape(model: Any, config: Any = None, *, quant: QuantLayout | None = N
             module = base.get_submodule(name)
             if hasattr(module, "get_base_layer"):
                 module = module.get_base_layer()
-            in_features, out_features = _features(module)
+            features = module_features(module)
+            if features is None:
+                continue
+            in_features, out_features = features
             is_4bit = type(module).__name__ == "Linear4bit"
             if skeleton_quant is not None and name != head_name:
                 is_4bit = True
@@ -198,9 +202,9 @@ def model_shape(model: Any, config: Any = None, *, quant: QuantLayout | None = N
         if id(param) in quantized_weights or "lora_" in name:
             continue
         unquantized_params += int(param.numel())
-        unquantized_bytes += int(param.numel()) * param.element_size()
+        unquantized_bytes += int(param.numel()) * (element_bytes or param.element_size())
     unquantized_bytes += sum(int(b.numel()) * b.element_size() for b in base.buffers())
-    return _assemble(base, tuple(linears), layout, unquantized_params, unquantized_bytes, dropout)
+    return _assemble(base, tuple(linears), layout, unquantized_params, unquantized_bytes, dropout, element_bytes)
 
 
 def _assemble(
@@ -210,6 +214,7 @@ def _assemble(
     unquantized_params: int,
     unquantized_bytes: int,
     dropout: float,
+    element_bytes: int | None,
 ) -> ModelShape:
     config = base.config
     hidden = int(_config_value(config, "hidden_size", "n_embd", "d_model"))
@@ -221,7 +226,7 @@ def _assemble(
     names = {linear.name.rsplit(".", 1)[-1] for linear in linears}
     intermediate = _config_value(config, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    activation_bytes = embeddings.weight.element_size() if embeddings is not None else 2
+    activation_bytes = element_bytes or (embeddings.weight.element_size() if embeddings is not None else 2)
     device = next((param.device.type for param in base.parameters()), "meta")
     return ModelShape(
         linears=linears,
@@ -241,32 +246,3 @@ def _assemble(
         lora_dropout=dropout,
         dropout_mask_bytes=4 if device == "cpu" else 1,
     )
-
-
-def meta_skeleton(source: Any, *, dtype: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A causal LM with the architecture of `source` on the meta device: shapes only, no weights.
-
-    `source`: a transformers config, a dict of config fields (e.g. `TINY_LLAMA_CONFIG`), or a local
-    directory / hub id holding a config.json. `dtype`: the dtype unquantized layers load in (default:
-    the config's own, else bfloat16), as `from_pretrained` keeps them.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-
-    if isinstance(source, PretrainedConfig):
-        config = source
-    elif isinstance(source, dict):
-        fields = {key: value for key, value in source.items() if key != "architectures"}
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    elif isinstance(source, (str, os.PathLike)):
-        config = AutoConfig.from_pretrained(os.fspath(source), trust_remote_code=trust_remote_code)
-    else:
-        raise TypeError(f"expected a model, a transformers config, a dict or a path, got {type(source).__name__}")
-    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    name = dtype or (str(own).removeprefix("torch.") if own is not None else "bfloat16")
-    if name not in _DTYPE_BYTES:
-        name = "bfloat16"
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
-            config, dtype=getattr(torch, name), trust_remote_code=trust_remote_code
-        )

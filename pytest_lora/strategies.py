@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 import string
@@ -142,10 +143,10 @@ def _check_layers(name: str, value: object) -> None:
 
 
 def _strategy(name: str, arg: object, check: _Check, *, is_value: Callable[[object], bool] = _is_name_list) -> Any:
-    """A value, a list of values to choose from, or a strategy (whose draws are checked when drawn)."""
+    """A value, a list (or tuple) of values to choose from, or a strategy (its draws are checked when drawn)."""
     if isinstance(arg, SearchStrategy):
         return arg.map(lambda value: _checked(name, value, check))
-    if isinstance(arg, list) and not is_value(arg):
+    if isinstance(arg, (list, tuple)) and not is_value(arg):
         if not arg:
             raise InvalidArgument(f"{name}=[]: an empty list offers nothing to draw; pass a value or a strategy")
         for value in arg:
@@ -165,7 +166,15 @@ def _never_a_value(value: object) -> bool:
 
 
 def _is_layer_list(value: object) -> bool:
-    return isinstance(value, list) and all(_is_int(v) for v in value)
+    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+
+
+def _names(name: str, value: object) -> list[str]:
+    """The module names to draw targets from: a non-empty collection of names, never one string."""
+    if isinstance(value, str) or not isinstance(value, Collection) or not _is_name_list(list(value)):
+        raise InvalidArgument(f"{name}={value!r}: pass the module names to draw from, e.g. {list(LLAMA_TARGETS)!r}")
+    _check_targets(name, list(value))
+    return sorted(set(value))
 
 
 # --- building configs -----------------------------------------------------------------------------------------
@@ -234,7 +243,7 @@ def _config_kwargs(draw: st.DrawFn, space: _Space) -> dict[str, Any]:
     ranks = [r, *rank_pattern.values()]
     # PEFT: orthogonal init needs an even rank on every layer.
     init = draw(space.init_lora_weights.filter(lambda v: v != "orthogonal" or all(k % 2 == 0 for k in ranks)))
-    kwargs = {
+    return {
         "r": r,
         "lora_alpha": alpha,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
@@ -247,7 +256,9 @@ def _config_kwargs(draw: st.DrawFn, space: _Space) -> dict[str, Any]:
         "task_type": draw(space.task_type),
         "layers_to_transform": layers,
     }
-    return kwargs
+
+
+_ALWAYS_SHOWN = ("r", "lora_alpha")
 
 
 def _builds(kwargs: dict[str, Any]) -> SearchStrategy[Any]:
@@ -255,14 +266,17 @@ def _builds(kwargs: dict[str, Any]) -> SearchStrategy[Any]:
     from peft import LoraConfig
 
     defaults = _defaults()
-    given = {k: v for k, v in kwargs.items() if k in ("r", "lora_alpha", "target_modules") or v != defaults.get(k)}
+    given = {k: v for k, v in kwargs.items() if k in _ALWAYS_SHOWN or v != defaults[k]}
     return st.builds(LoraConfig, **{k: st.just(v) for k, v in given.items()})
 
 
+@functools.cache
 def _defaults() -> dict[str, Any]:
+    """PEFT's LoraConfig defaults, as a default instance holds them (after its own normalisation)."""
     from peft import LoraConfig
 
-    return {f.name: getattr(LoraConfig(), f.name) for f in dataclasses.fields(LoraConfig) if f.init}
+    default = LoraConfig()
+    return {f.name: getattr(default, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
 
 
 @st.composite
@@ -270,21 +284,28 @@ def _configs(draw: st.DrawFn, space: _Space) -> Any:
     return draw(_builds(draw(_config_kwargs(space))))
 
 
+# Defaults of `lora_configs`: the first branch of each `|` is where shrinking goes.
+_RANKS = st.integers(1, 256) | st.sampled_from([4, 8, 16, 32, 64])
+_TARGETS = st.lists(st.sampled_from(LLAMA_TARGETS), min_size=1, unique=True) | st.just("all-linear")
+_DROPOUTS = st.floats(0.0, 1.0, exclude_max=True) | st.sampled_from([0.05, 0.1])
+_BIAS_MODES = st.sampled_from(_BIASES)
+_RSLORA = st.booleans()
+_INIT_MODES = st.sampled_from(_DEFAULT_INITS)
+
+
 def lora_configs(
     *,
-    ranks: int | Sequence[int] | SearchStrategy[int] = st.sampled_from([8, 16, 4, 32, 64]) | st.integers(1, 256),
+    ranks: int | Sequence[int] | SearchStrategy[int] = _RANKS,
     alpha: float | Sequence[float] | SearchStrategy[float] | None = None,
     alpha_ratio: float | Sequence[float] | SearchStrategy[float] | None = None,
-    target_modules: Any = st.lists(st.sampled_from(LLAMA_TARGETS), min_size=1, unique=True) | st.just("all-linear"),
-    dropout: float | Sequence[float] | SearchStrategy[float] = (
-        st.sampled_from([0.0, 0.05, 0.1]) | st.floats(0.0, 1.0, exclude_max=True)
-    ),
-    bias: str | Sequence[str] | SearchStrategy[str] = st.sampled_from(_BIASES),
-    use_rslora: bool | Sequence[bool] | SearchStrategy[bool] = st.booleans(),
+    target_modules: Any = _TARGETS,
+    dropout: float | Sequence[float] | SearchStrategy[float] = _DROPOUTS,
+    bias: str | Sequence[str] | SearchStrategy[str] = _BIAS_MODES,
+    use_rslora: bool | Sequence[bool] | SearchStrategy[bool] = _RSLORA,
     rank_pattern: dict[str, int] | Sequence[dict[str, int]] | SearchStrategy[dict[str, int]] | None = None,
-    init_lora_weights: bool | str | Sequence[bool | str] | SearchStrategy[bool | str] = st.sampled_from(_DEFAULT_INITS),
-    task_type: str | None | Sequence[str | None] | SearchStrategy[str | None] = "CAUSAL_LM",
-    layers_to_transform: int | list[int] | None | SearchStrategy[Any] = None,
+    init_lora_weights: bool | str | Sequence[bool | str] | SearchStrategy[bool | str] = _INIT_MODES,
+    task_type: str | Sequence[str | None] | SearchStrategy[str | None] | None = "CAUSAL_LM",
+    layers_to_transform: int | list[int] | SearchStrategy[Any] | None = None,
 ) -> SearchStrategy[Any]:
     """Strategy for `peft.LoraConfig`s that PEFT accepts and that attach to a Llama-style model.
 
@@ -317,7 +338,10 @@ def lora_configs(
     else:
         alpha_rule = _default_alpha
     inits = _strategy(
-        "init_lora_weights", init_lora_weights, _check_choice(_INITS, f"; not {_REFUSED_INITS}"), is_value=_never_a_value
+        "init_lora_weights",
+        init_lora_weights,
+        _check_choice(_INITS, f"; not {_REFUSED_INITS}"),
+        is_value=_never_a_value,
     )
     space = _Space(
         ranks=_strategy("ranks", ranks, _check_rank, is_value=_never_a_value),
@@ -331,7 +355,9 @@ def lora_configs(
         else _strategy("rank_pattern", rank_pattern, _check_rank_pattern, is_value=_never_a_value),
         init_lora_weights=inits,
         task_type=_strategy("task_type", task_type, _check_task_type, is_value=_never_a_value),
-        layers_to_transform=_strategy("layers_to_transform", layers_to_transform, _check_layers, is_value=_is_layer_list),
+        layers_to_transform=_strategy(
+            "layers_to_transform", layers_to_transform, _check_layers, is_value=_is_layer_list
+        ),
     )
     _check_orthogonal_ranks(init_lora_weights, ranks)
     return _configs(space)
@@ -341,8 +367,8 @@ def _check_orthogonal_ranks(init_lora_weights: object, ranks: object) -> None:
     """Orthogonal init only, with fixed ranks that are all odd: nothing PEFT accepts can be drawn."""
     if isinstance(init_lora_weights, SearchStrategy) or isinstance(ranks, SearchStrategy):
         return
-    inits = init_lora_weights if isinstance(init_lora_weights, list) else [init_lora_weights]
-    fixed = ranks if isinstance(ranks, list) else [ranks]
+    inits = list(init_lora_weights) if isinstance(init_lora_weights, (list, tuple)) else [init_lora_weights]
+    fixed = ranks if isinstance(ranks, (list, tuple)) else [ranks]
     if inits == ["orthogonal"] and all(r % 2 for r in fixed):
         raise InvalidArgument(
             f"init_lora_weights='orthogonal' with ranks={ranks!r}: PEFT's orthogonal init needs an even rank"
@@ -373,16 +399,22 @@ def _policy_alpha(policy: Policy, off: bool) -> _AlphaRule:
     `off`: just outside the tolerance, above or below."""
     tolerance = policy.alpha_tolerance
 
+    def expected(rank: int, use_rslora: bool) -> float:
+        # Forbidden rsLoRA has no right alpha: the violating config keeps the plain ratio, as users write it.
+        alpha = policy.expected_alpha(rank, use_rslora)
+        return policy.expected_alpha(rank) if alpha is None else alpha  # type: ignore[return-value]
+
     def rule(draw: st.DrawFn, r: int, use_rslora: bool) -> tuple[float, Callable[[int], float]]:
-        want = policy.expected_alpha(r, use_rslora)
-        assert want is not None  # rsLoRA is never drawn when the policy forbids it, except as the violation
+        want = expected(r, use_rslora)
         if off:
             # |alpha - want| > tolerance * max(alpha, want) holds for want * ((1 + m) / (1 - tolerance)) ** ±1.
             factor = (1 + draw(st.floats(0.01, 1.0))) / (1 - tolerance)
             alpha = want * factor if draw(st.booleans()) else want / factor
         else:
-            alpha = want * (1 + draw(st.floats(-tolerance / 2, tolerance / 2))) if tolerance else want
-        return _number(alpha), lambda rank: _number(policy.expected_alpha(rank, use_rslora))  # type: ignore[arg-type]
+            # Within the tolerance, and never near 0 or overflowing when the tolerance is huge.
+            spread = min(tolerance, 1.0) / 2
+            alpha = want * (1 + draw(st.floats(-spread, spread))) if spread else want
+        return _number(alpha), lambda rank: _number(expected(rank, use_rslora))
 
     return rule
 
@@ -457,14 +489,11 @@ def policy_configs(
     if not isinstance(policy, Policy):
         raise InvalidArgument(f"policy={policy!r}: pass a pytest_lora.Policy (e.g. load_policy('policy.toml'))")
     _check_bool("compliant", compliant)
-    _check_targets("target_modules", list(target_modules) if isinstance(target_modules, (set, frozenset)) else target_modules)
-    if isinstance(target_modules, str):
-        raise InvalidArgument(f"target_modules={target_modules!r}: pass the module names to draw from, as a list")
-    taken = {*policy.required_targets, *policy.forbidden_targets}
-    free = sorted(set(target_modules) - taken)
+    names = _names("target_modules", target_modules)
+    free = sorted(set(names) - {*policy.required_targets, *policy.forbidden_targets})
     if not free and not policy.required_targets:
         raise InvalidArgument(
-            f"target_modules={sorted(target_modules)!r}: every name is forbidden by the policy ({policy.source}), "
+            f"target_modules={names!r}: every name is forbidden by the policy ({policy.source}), "
             "so no config can target anything; add allowed module names"
         )
     kinds = [] if compliant else _violations(policy, free)
@@ -498,9 +527,16 @@ def _misspelled(draw: st.DrawFn, names: Sequence[str]) -> str:
     return typo
 
 
+_WRONG_SCALARS = {
+    "r": st.integers(max_value=0) | st.floats() | st.sampled_from(["8", True]),
+    "lora_alpha": st.integers(max_value=0) | st.floats(max_value=0.0) | st.just(math.nan),
+    "lora_dropout": (st.floats() | st.integers()).filter(lambda x: not 0 <= x < 1),
+}
+
+
 @st.composite
 def _invalid(draw: st.DrawFn, names: Sequence[str]) -> InvalidLoraValue:
-    kind = draw(st.sampled_from(["r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern"]))
+    kind = draw(st.sampled_from([*_WRONG_SCALARS, "target_modules", "rank_pattern"]))
     space = _Space(
         ranks=st.integers(1, 64),
         alpha=_ratio_alpha(st.just(2)),
@@ -514,24 +550,18 @@ def _invalid(draw: st.DrawFn, names: Sequence[str]) -> InvalidLoraValue:
         layers_to_transform=st.none(),
     )
     kwargs = draw(_config_kwargs(space))
-    if kind == "r":
-        value = draw(st.integers(max_value=0) | st.floats() | st.sampled_from(["8", True]))
-        kwargs["r"] = value
-    elif kind == "lora_alpha":
-        value = draw(st.integers(max_value=0) | st.floats(max_value=0.0) | st.just(math.nan))
-        kwargs["lora_alpha"] = value
-    elif kind == "lora_dropout":
-        value = draw((st.floats() | st.integers()).filter(lambda x: not 0 <= x < 1))
-        kwargs["lora_dropout"] = value
+    if kind in _WRONG_SCALARS:
+        value = kwargs[kind] = draw(_WRONG_SCALARS[kind])
     elif kind == "target_modules" and draw(st.booleans()):
-        value = []
-        kwargs["target_modules"] = value
+        value = kwargs[kind] = []
     elif kind == "target_modules":
+        # The typo alone, or next to correct names (PEFT then adapts the others and says nothing).
         value = draw(_misspelled(names))
-        kwargs["target_modules"] = sorted({*kwargs["target_modules"], value} if draw(st.booleans()) else {value})
+        kwargs[kind] = sorted({value, *(kwargs[kind] if draw(st.booleans()) else [])})
     else:
         untargeted = sorted(set(names) - set(kwargs["target_modules"]))
-        value = draw(_misspelled(kwargs["target_modules"]) | st.sampled_from(untargeted or names).filter(untargeted.__contains__))
+        typo = _misspelled(kwargs["target_modules"])
+        value = draw(st.one_of(typo, st.sampled_from(untargeted)) if untargeted else typo)
         kwargs["rank_pattern"] = {value: kwargs["r"]}
     config = draw(_builds(kwargs))
     return draw(st.builds(InvalidLoraValue, field=st.just(kind), value=st.just(value), config=st.just(config)))
@@ -551,11 +581,7 @@ def invalid_lora_values(*, target_modules: Collection[str] = LLAMA_TARGETS) -> S
         ...     with pytest.raises(AdapterConfigError, match=bad.field):
         ...         lora_adapters.attach(bad.config)
     """
-    names = list(target_modules) if isinstance(target_modules, (set, frozenset)) else target_modules
-    _check_targets("target_modules", names)
-    if isinstance(names, str):
-        raise InvalidArgument(f"target_modules={names!r}: pass the module names to draw from, as a list")
-    return _invalid(sorted(names))
+    return _invalid(_names("target_modules", target_modules))
 
 
 # --- reporting ------------------------------------------------------------------------------------------------
@@ -568,13 +594,9 @@ def config_repr(config: Any) -> str:
     For `hypothesis.note(config_repr(config))`, or a failure message.
     """
     defaults = _defaults()
-    parts = []
-    for name, default in defaults.items():
-        value = getattr(config, name)
-        if value == default and name not in ("r", "lora_alpha"):
-            continue
-        parts.append(f"{name}={_code(value)}")
-    return f"{type(config).__name__}({', '.join(parts)})"
+    names = [*_ALWAYS_SHOWN, "target_modules", *defaults]
+    shown = [n for n in dict.fromkeys(names) if n in _ALWAYS_SHOWN or getattr(config, n) != defaults[n]]
+    return f"{type(config).__name__}({', '.join(f'{n}={_code(getattr(config, n))}' for n in shown)})"
 
 
 def _code(value: Any) -> str:

@@ -30,7 +30,11 @@ CONFIG_CASES = {
         "*r = 0: the rank must be an int >= 1*",
     ),
     "r-float": ("lora_model(cfg(r=2.5))", "*AdapterConfigError*", "*r = 2.5: the rank must be an int >= 1*"),
-    "alpha-zero": ("lora_model(cfg(lora_alpha=0))", "*AdapterConfigError*", "*lora_alpha = 0: must be > 0*"),
+    "alpha-zero": (
+        "lora_model(cfg(lora_alpha=0))",
+        "*AdapterConfigError*",
+        "*lora_alpha = 0: must be a finite number > 0*",
+    ),
     "dropout-one": (
         "lora_model(cfg(lora_dropout=1.0))",
         "*AdapterConfigError*",
@@ -46,6 +50,38 @@ CONFIG_CASES = {
         "lora_model(cfg(rank_pattern={'vproj': 4}))",
         "*rank_pattern entry 'vproj' matches no module of this model. Did you mean 'v_proj'?",
         "*fix: use one of the names above",
+    ),
+    "alpha-inf": ("lora_model(cfg(lora_alpha=float('inf')))", "*AdapterConfigError*", "*lora_alpha = inf: must be*"),
+    "bias-unknown": ("lora_model(cfg(bias='some'))", "*AdapterConfigError*", "*bias = 'some': must be one of 'none'*"),
+    "target-not-a-string": (
+        "lora_model(cfg(target_modules=['q_proj', 3]))",
+        "*AdapterConfigError*",
+        "*entry 3: must be*",
+    ),
+    "target-not-a-layer": (
+        "lora_model(cfg(target_modules=['mlp']))",
+        "*LoraConfig.target_modules matches 'model.layers.0.mlp', a LlamaMLP: LoRA can only wrap linear*",
+        "*fix: target the linear layers inside it*",
+    ),
+    "init-rewrites-base": (
+        "lora_model(cfg(init_lora_weights='olora'))",
+        "*AdapterConfigError: invalid LoraConfig:",
+        "*init_lora_weights = 'olora': it rewrites the base weights*use True (PEFT's default), False or 'gaussian'*",
+    ),
+    "rank-pattern-untargeted": (
+        "lora_model(cfg(rank_pattern={'o_proj': 4}))",
+        "*rank_pattern entry 'o_proj' names a module this config does not adapt, so it has no effect.",
+        "*fix: add 'o_proj' to target_modules, or drop it from rank_pattern",
+    ),
+    "rank-pattern-bad-regex": (
+        "lora_model(cfg(rank_pattern={'q_proj(': 4}))",
+        "*AdapterConfigError*",
+        "*not a valid regular expression*",
+    ),
+    "layers-out-of-range": (
+        "lora_model(cfg(layers_to_transform=[7]))",
+        "*layers_to_transform = [[]7] / exclude_modules = None leave none of them.",
+        "*the model has 4 layers (indices 0 .. 3)",
     ),
     "nan-loss": (
         "m = lora_model(cfg())\n"

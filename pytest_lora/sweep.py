@@ -1,0 +1,336 @@
+"""Choosing the LoRA rank from a short sweep, and the record of that choice.
+
+The rule (thresholds in the policy's `[sweep]` table): the smallest rank whose metric reaches
+`metric_fraction` (0.95) of the best rank's, with a training time of at most `time_fraction` (0.70)
+of the slowest rank's.
+
+"Reaching 95% of the best" compares how far each rank falls short of a perfect score, so that it
+means the same for losses and accuracies:
+- a loss-like metric (lower is better, perfect is 0): quality = best / metric, so 95% allows a loss
+  up to best / 0.95, 5.3% above the best;
+- an accuracy-like metric with a ceiling (1.0, or 100 for percent): quality = best error / error,
+  the error being ceiling - metric. The guide's example, 92% / 94% / 94.1% at r = 8 / 16 / 32, gives
+  r=8 a quality of 5.9 / 8 = 74% (35% more errors than r=32) and r=16 5.9 / 6 = 98%: r=16 is chosen,
+  as the guide concludes. Compared as raw accuracies (92 / 94.1 = 97.8%), r=8 would pass;
+- a higher-is-better metric without a ceiling: quality = metric / best.
+
+When no rank meets both thresholds (on a small model every rank trains in about the same time), the
+smallest rank reaching the metric threshold is chosen and the decision says the rule was not met.
+Pure (stdlib only; matplotlib, optional, only for the plots).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pytest_lora.policy import SweepRule
+
+REPORT_SCHEMA = "pytest-lora/rank-sweep/1"
+_PACKAGES = ("pytest-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One rank's short run: its validation metric, its training time, and what produced them."""
+
+    rank: int
+    metric: float
+    seconds: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankRow:
+    """A point judged by the rule: its share of the best metric and of the longest time."""
+
+    point: SweepPoint
+    quality: float
+    time_share: float
+    meets_metric: bool
+    meets_time: bool
+
+
+@dataclass(frozen=True)
+class SweepDecision:
+    """The chosen rank, whether the full rule was met, why, and every rank's row (by rank)."""
+
+    rows: tuple[RankRow, ...]
+    chosen: int
+    rule_met: bool
+    best_rank: int
+    reason: str
+    rule: SweepRule
+    ceiling: float | None = None
+
+    def summary(self) -> str:
+        """One line naming the chosen rank, for the terminal."""
+        verdict = "rule met" if self.rule_met else "rule NOT met"
+        return f"chosen rank: r={self.chosen} ({verdict}: {self.reason})"
+
+
+def quality(metric: float, best: float, *, higher_is_better: bool, ceiling: float | None = None) -> float:
+    """How close `metric` comes to `best`, in (0, 1]: the best's shortfall from perfect over this one's.
+
+    Raises ValueError for a value the chosen comparison cannot judge (a negative loss, an accuracy
+    above its ceiling, a non-positive metric without a ceiling).
+    """
+    if not math.isfinite(metric):
+        return 0.0
+    if not higher_is_better:
+        if metric < 0 or best < 0:
+            raise ValueError(f"metric {metric:g} (best {best:g}): a lower-is-better metric must be >= 0, like a loss")
+        return 1.0 if metric <= _EPS else best / metric
+    if ceiling is not None:
+        error, best_error = ceiling - metric, ceiling - best
+        if error < 0 or best_error < 0:
+            raise ValueError(f"metric {metric:g} (best {best:g}) is above its ceiling {ceiling:g}")
+        return 1.0 if error <= _EPS else best_error / error
+    if metric <= 0 or best <= 0:
+        raise ValueError(f"metric {metric:g} (best {best:g}): a higher-is-better metric without a ceiling must be > 0")
+    return metric / best
+
+
+def metric_threshold(best: float, rule: SweepRule, ceiling: float | None = None) -> float:
+    """The metric value at exactly `metric_fraction` of `best`: the line a rank must reach."""
+    if not rule.higher_is_better:
+        return best / rule.metric_fraction
+    if ceiling is not None:
+        return ceiling - (ceiling - best) / rule.metric_fraction
+    return best * rule.metric_fraction
+
+
+def choose_rank(points: Sequence[SweepPoint], rule: SweepRule, *, ceiling: float | None = None) -> SweepDecision:
+    """Apply the rule to the sweep's points (any order, one per rank)."""
+    if not points:
+        raise ValueError("no sweep results: every rank's run failed or none ran")
+    ranks = [p.rank for p in points]
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks {sorted(ranks)}: each rank must appear once")
+    finite = [p for p in points if math.isfinite(p.metric)]
+    if not finite:
+        raise ValueError(f"no finite metric among ranks {sorted(ranks)}: every run diverged")
+    pick = max if rule.higher_is_better else min
+    best = pick(finite, key=lambda p: (p.metric, -p.rank) if rule.higher_is_better else (p.metric, p.rank))
+    longest = max(p.seconds for p in points)
+    rows = []
+    for point in sorted(points, key=lambda p: p.rank):
+        share = quality(point.metric, best.metric, higher_is_better=rule.higher_is_better, ceiling=ceiling)
+        time_share = point.seconds / longest if longest > 0 else 1.0
+        rows.append(
+            RankRow(
+                point=point,
+                quality=share,
+                time_share=time_share,
+                meets_metric=share >= rule.metric_fraction - _EPS,
+                meets_time=time_share <= rule.time_fraction + _EPS,
+            )
+        )
+    good = [row for row in rows if row.meets_metric and row.meets_time]
+    metric_name = rule.metric
+    threshold = f">= {rule.metric_fraction:.0%} of the best {metric_name}"
+    if good:
+        row = good[0]
+        reason = (
+            f"smallest rank with {threshold} ({row.quality:.1%}) in <= {rule.time_fraction:.0%} of the longest "
+            f"time ({row.time_share:.0%})"
+        )
+        return SweepDecision(tuple(rows), row.point.rank, True, best.rank, reason, rule, ceiling)
+    row = next(row for row in rows if row.meets_metric)
+    reason = (
+        f"no rank reached {threshold} in <= {rule.time_fraction:.0%} of the longest time (r={row.point.rank} took "
+        f"{row.time_share:.0%}); chose the smallest rank reaching {threshold} ({row.quality:.1%})"
+    )
+    return SweepDecision(tuple(rows), row.point.rank, False, best.rank, reason, rule, ceiling)
+
+
+def decide(records: Sequence[Mapping[str, Any]], rule: SweepRule) -> SweepDecision:
+    """The decision from the per-rank records the sweep items report (as JSON-like dicts).
+
+    Each record holds rank, metric, seconds, metric_name, higher_is_better and ceiling, plus details kept
+    for the report. The policy's `rule` gives the thresholds; the records give the metric and its direction.
+    """
+    if not records:
+        raise ValueError("no rank has a result (every item failed, was skipped or never called run())")
+    keys = {(r["metric_name"], r["higher_is_better"], r["ceiling"]) for r in records}
+    if len(keys) > 1:
+        raise ValueError(f"the ranks recorded different metrics (name, higher_is_better, ceiling): {sorted(keys)}")
+    metric_name, higher_is_better, ceiling = keys.pop()
+    points = [
+        SweepPoint(
+            rank=r["rank"],
+            metric=r["metric"],
+            seconds=r["seconds"],
+            details={k: v for k, v in r.items() if k not in ("rank", "metric", "seconds")},
+        )
+        for r in records
+    ]
+    rule = replace(rule, metric=metric_name, higher_is_better=higher_is_better)
+    return choose_rank(points, rule, ceiling=ceiling)
+
+
+def definition(rule: SweepRule, ceiling: float | None) -> str:
+    """What "reaching X% of the best" meant for this metric, in words, for the report."""
+    if not rule.higher_is_better:
+        return f"lower is better: quality = best / metric; a rank qualifies at quality >= {rule.metric_fraction:g}"
+    if ceiling is not None:
+        return (
+            f"higher is better, ceiling {ceiling:g}: quality = (ceiling - best) / (ceiling - metric), the error "
+            f"ratio; a rank qualifies at quality >= {rule.metric_fraction:g}"
+        )
+    return f"higher is better: quality = metric / best; a rank qualifies at quality >= {rule.metric_fraction:g}"
+
+
+def report_data(decision: SweepDecision, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON report: the decision, the rule with its thresholds, every rank's row, and the provenance."""
+    rule = asdict(decision.rule)
+    rule["metric_ceiling"] = decision.ceiling
+    rule["definition"] = definition(decision.rule, decision.ceiling)
+    return {
+        "schema": REPORT_SCHEMA,
+        **provenance,
+        "chosen_rank": decision.chosen,
+        "rule_met": decision.rule_met,
+        "reason": decision.reason,
+        "best_rank": decision.best_rank,
+        "rule": rule,
+        "ranks": [
+            {
+                "rank": row.point.rank,
+                "metric": row.point.metric,
+                "seconds": row.point.seconds,
+                "quality": row.quality,
+                "time_share": row.time_share,
+                "meets_metric": row.meets_metric,
+                "meets_time": row.meets_time,
+                **row.point.details,
+            }
+            for row in decision.rows
+        ],
+    }
+
+
+def markdown(decision: SweepDecision, title: str) -> str:
+    """A Markdown table of the sweep, the chosen rank marked, for a PR comment or a run log."""
+    rule = decision.rule
+    lines = [
+        f"## Rank sweep: {title}",
+        "",
+        f"| rank | {rule.metric} | share of best | train time (s) | share of longest | "
+        f">= {rule.metric_fraction:.0%} of best | <= {rule.time_fraction:.0%} of time | chosen |",
+        "| ---: | ---: | ---: | ---: | ---: | :---: | :---: | :---: |",
+    ]
+    for row in decision.rows:
+        lines.append(
+            f"| {row.point.rank} | {row.point.metric:.4g} | {row.quality:.1%} | {row.point.seconds:.3g} | "
+            f"{row.time_share:.0%} | {_mark(row.meets_metric)} | {_mark(row.meets_time)} | "
+            f"{'**r=' + str(row.point.rank) + '**' if row.point.rank == decision.chosen else ''} |"
+        )
+    lines += ["", decision.summary(), "", f"Quality: {definition(rule, decision.ceiling)}.", ""]
+    return "\n".join(lines)
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+def plot(decision: SweepDecision, path: str | Path, title: str) -> bool:
+    """Rank vs metric and rank vs training time as one PNG; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+    except ImportError:
+        return False
+    rule = decision.rule
+    ranks = [row.point.rank for row in decision.rows]
+    best = next(row.point.metric for row in decision.rows if row.point.rank == decision.best_rank)
+    longest = max(row.point.seconds for row in decision.rows)
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(9, 3.5))
+    try:
+        for axis, values, label, line, line_label in (
+            (
+                left,
+                [row.point.metric for row in decision.rows],
+                rule.metric,
+                metric_threshold(best, rule, decision.ceiling),
+                f"{rule.metric_fraction:.0%} of best",
+            ),
+            (
+                right,
+                [row.point.seconds for row in decision.rows],
+                "training time (s)",
+                rule.time_fraction * longest,
+                f"{rule.time_fraction:.0%} of longest",
+            ),
+        ):
+            axis.plot(ranks, values, marker="o")
+            axis.axhline(line, color="tab:gray", linestyle=":", label=line_label)
+            axis.axvline(decision.chosen, color="tab:green", linestyle="--", label=f"chosen r={decision.chosen}")
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(ranks, [str(r) for r in ranks])
+            axis.set_xlabel("LoRA rank r")
+            axis.set_ylabel(label)
+            axis.legend()
+        figure.suptitle(title)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+    finally:
+        pyplot.close(figure)
+    return True
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages a sweep result depends on (None when not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(directory: str | Path) -> str | None:
+    """The checked-out commit of the repository holding `directory` (with "+dirty" for local changes), or None."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
+
+
+def write_report(
+    decision: SweepDecision, provenance: Mapping[str, Any], directory: str | Path, name: str
+) -> tuple[list[Path], list[str]]:
+    """Write `<name>.json`, `<name>.md` and `<name>.png` under `directory`; return the paths and any notes."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    title = str(provenance.get("sweep", name))
+    json_path, md_path, png_path = (directory / f"{name}{suffix}" for suffix in (".json", ".md", ".png"))
+    json_path.write_text(json.dumps(report_data(decision, provenance), indent=2, default=str) + "\n")
+    md_path.write_text(markdown(decision, title))
+    written, notes = [json_path, md_path], []
+    if plot(decision, png_path, title):
+        written.append(png_path)
+    else:
+        notes.append("plots skipped: matplotlib is not installed (pip install 'pytest-lora[plots]')")
+    return written, notes

@@ -1,0 +1,346 @@
+"""The rank sweep in pytest: one parametrized item per rank, and the chosen rank at the end of the session.
+
+A test that takes the `lora_sweep` fixture runs once per rank (`--lora-sweep 4,8,16`, the
+`sweep` marker keyword, or the policy's `sweep.ranks`), so pytest-xdist spreads the ranks over
+workers and GPUs. Each item trains briefly on a fraction of the data and records its validation
+metric and training time in the test report's `user_properties`; reports travel from xdist
+workers to the controller, which applies the rule (`pytest_lora.sweep`) exactly as a serial run
+would, writes the JSON / Markdown / PNG report and names the chosen rank in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_lora.errors import AdapterConfigError, PolicyError
+from pytest_lora.policy import SweepRule
+from pytest_lora.session import LoraSession
+from pytest_lora.settings import Settings
+from pytest_lora.state import STATE, marker_overrides
+
+SWEEP_DIR_OPTION = "--lora-sweep-dir"
+SWEEP_PROPERTY = "lora_sweep"  # user_properties key of a rank's result
+ITEM_PROPERTY = "lora_sweep_item"  # ... of every sweep item, so a failed rank is known too
+RANK_FIXTURE = "lora_sweep_rank"
+DEFAULT_SWEEP_DIR = ".lora-sweep"
+_WARMUP_STEPS = 1
+_warm_bases: weakref.WeakSet[Any] = weakref.WeakSet()  # base models this process has trained on once
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--lora-sweep-dir DIR`: where the sweep reports go."""
+    parser.getgroup("lora", "LoRA rank policy (pytest-lora)").addoption(
+        SWEEP_DIR_OPTION,
+        dest="lora_sweep_dir",
+        default=None,
+        metavar="DIR",
+        help=f"Directory for rank sweep reports (JSON, Markdown, PNG) (default: {DEFAULT_SWEEP_DIR} in the rootdir)",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller (or a serial run) gathers the per-rank results; xdist workers only send them."""
+    if not hasattr(config, "workerinput") and STATE in config.stash:
+        config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One item per rank for every test that (indirectly) uses `lora_sweep_rank`."""
+    if RANK_FIXTURE not in metafunc.fixturenames:
+        return
+    session = metafunc.config.stash[STATE].session
+    overrides = marker_overrides(metafunc.definition)
+    settings = session.settings.with_overrides(overrides, metafunc.definition.nodeid) if overrides else session.settings
+    ranks = settings.sweep or session.policy.sweep.ranks
+    metafunc.parametrize(RANK_FIXTURE, ranks, ids=[f"r={rank}" for rank in ranks], indirect=True)
+
+
+@pytest.fixture
+def lora_sweep_rank(request: pytest.FixtureRequest) -> int:
+    """The rank of this sweep item (from `--lora-sweep`, the `sweep` marker keyword or the policy)."""
+    return int(request.param)
+
+
+@pytest.fixture
+def lora_sweep(
+    request: pytest.FixtureRequest,
+    lora_sweep_rank: int,
+    lora_session: LoraSession,
+    lora_settings: Settings,
+    lora_train: Callable[..., Any],
+) -> SweepRun:
+    """`lora_sweep.run(config)`: this item's short training run at `lora_sweep.rank`, recorded for the choice.
+
+    `config` is a LoraConfig or a mapping of its fields; a mapping may leave out r (set to the rank)
+    and lora_alpha (set to what the policy asks for at that rank).
+    """
+    group = sweep_group(request.node)
+    request.node.user_properties.append((ITEM_PROPERTY, {"group": group, "rank": lora_sweep_rank}))
+    return SweepRun(
+        rank=lora_sweep_rank,
+        rule=lora_session.policy.sweep,
+        settings=lora_settings,
+        session=lora_session,
+        train=lora_train,
+        record=lambda point: request.node.user_properties.append((SWEEP_PROPERTY, point)),
+        group=group,
+    )
+
+
+def sweep_group(item: pytest.Item) -> str:
+    """The sweep an item belongs to: its node id without the `r=N` parameter id (other parameters stay)."""
+    base, _, params = item.nodeid.partition("[")
+    rest = [part for part in params.rstrip("]").split("-") if part and not re.fullmatch(r"r=\d+", part)]
+    return f"{base}[{'-'.join(rest)}]" if rest else base
+
+
+class SweepRun:
+    """The fixture object: trains one rank of the sweep and records the result in the test report."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        rule: SweepRule,
+        settings: Settings,
+        session: LoraSession,
+        train: Callable[..., Any],
+        record: Callable[[dict[str, Any]], None],
+        group: str,
+    ) -> None:
+        self.rank = rank
+        self.rule = rule
+        self._settings = settings
+        self._session = session
+        self._train = train
+        self._record = record
+        self.group = group
+        self.result: Any = None
+
+    def run(
+        self,
+        config: Any,
+        *,
+        metric: Callable[[Any, Any], float] | None = None,
+        higher_is_better: bool | None = None,
+        ceiling: float | None = None,
+        steps: int | None = None,
+        dataset: Any = None,
+        lr: float = 1e-2,
+        batch_size: int = 8,
+        seq_len: int = 64,
+    ) -> float:
+        """Train this rank for the policy's `sweep.steps` on its `sweep.data_fraction` of the training data.
+
+        The metric is the final validation loss, or `metric(model, val_ids)` (e.g. accuracy; its name is
+        the policy's `sweep.metric` or the function's name, its direction the policy's `higher_is_better`
+        unless given; `ceiling`: its perfect value, e.g. 1.0 for accuracy). Returns the metric.
+        """
+        __tracebackhide__ = True
+        from pytest_lora.counting import count_parameters
+
+        rule = self._metric_rule(metric, higher_is_better)
+        lora_config = self._config(config)
+        data = self._fraction(dataset, seq_len, batch_size)
+        self._warm_up(lora_config, data, batch_size)
+        steps = steps or rule.steps
+        result = self._train(
+            lora_config, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, dataset=data, eval_every=steps
+        )
+        value = float(metric(result.model, data.val) if metric is not None else result.val_losses[-1])
+        self.result = result
+        count = count_parameters(result.model)
+        self._record(
+            {
+                "rank": self.rank,
+                "metric": value,
+                "seconds": result.step_time_s * result.steps,
+                "metric_name": rule.metric,
+                "higher_is_better": rule.higher_is_better,
+                "ceiling": ceiling,
+                "steps": result.steps,
+                "lr": lr,
+                "batch_size": batch_size,
+                "seq_len": result.seq_len,
+                "seed": result.seed,
+                "device": result.device,
+                "trainable_parameters": count.trainable,
+                "total_parameters": count.total,
+                "base_model": self._session.base(self._settings).source.label,
+                "dataset": data.name,
+                "dataset_fingerprint": result.data_fingerprint,
+                "train_sequences": len(data.train),
+                "val_sequences": len(data.val),
+                "final_train_loss": result.losses[-1],
+                "val_losses": result.val_losses,
+                "config": _jsonable(lora_config.to_dict()),
+            }
+        )
+        return value
+
+    def _metric_rule(self, metric: Callable[..., float] | None, higher_is_better: bool | None) -> SweepRule:
+        """The policy's rule with this run's metric name and direction."""
+        if metric is None:
+            if self.rule.higher_is_better or higher_is_better:
+                raise PolicyError(
+                    "lora_sweep: the built-in metric is the validation loss (lower is better), but the policy's "
+                    "sweep.higher_is_better is true.\n  fix: pass metric=<function(model, val_ids) -> float>, or set "
+                    "higher_is_better = false"
+                )
+            return dataclasses.replace(self.rule, metric="val_loss", higher_is_better=False)
+        name = self.rule.metric if self.rule.metric != "val_loss" else getattr(metric, "__name__", "metric")
+        direction = self.rule.higher_is_better if higher_is_better is None else higher_is_better
+        return dataclasses.replace(self.rule, metric=name, higher_is_better=direction)
+
+    def _config(self, config: Any) -> Any:
+        from pytest_lora.adapters import as_lora_config
+
+        if isinstance(config, Mapping):
+            fields = dict(config)
+            fields.setdefault("r", self.rank)
+            if "lora_alpha" not in fields:
+                alpha = self._session.policy.expected_alpha(fields["r"], bool(fields.get("use_rslora", False)))
+                fields["lora_alpha"] = alpha if alpha is not None else 2 * fields["r"]
+            config = fields
+        lora_config = as_lora_config(config)
+        if lora_config.r != self.rank:
+            raise AdapterConfigError(
+                f"lora_sweep: this item is the r={self.rank} run of the sweep, but the config has r={lora_config.r}.\n"
+                "  fix: build the config from lora_sweep.rank, or leave r out of a dict config"
+            )
+        return lora_config
+
+    def _fraction(self, dataset: Any, seq_len: int, batch_size: int) -> Any:
+        """The sweep's share of the training split (at least one batch); validation stays whole for a fair metric."""
+        from pytest_lora import training
+
+        vocab = self._session.base(self._settings).model.config.vocab_size
+        seed = self._settings.seed
+        data = training.coerce_data(dataset, seq_len=seq_len, vocab_size=vocab, batch_size=batch_size, seed=seed)
+        keep = min(len(data.train), max(batch_size, math.ceil(len(data.train) * self.rule.data_fraction)))
+        name = f"{data.name}, first {keep} of {len(data.train)} training sequences"
+        return training.TokenData(data.train[:keep], data.val, name)
+
+    def _warm_up(self, config: Any, data: Any, batch_size: int) -> None:
+        """A first training run in a process pays one-off costs (kernels, allocator); keep them out of the timing."""
+        manager = self._session.manager(self._settings)
+        if manager.base in _warm_bases:
+            return
+        from pytest_lora import training
+
+        with manager.attached(config) as model:
+            training.train(model, data, steps=_WARMUP_STEPS, batch_size=batch_size, eval_every=_WARMUP_STEPS)
+        _warm_bases.add(manager.base)
+
+
+def _jsonable(value: Any) -> Any:
+    """PEFT's to_dict() holds sets and enums (str subclasses); the report and xdist need plain JSON types."""
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class SweepRecorder:
+    """Controller side: gathers each rank's result from the reports, decides at the end, writes the report."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.points: dict[str, list[dict[str, Any]]] = {}
+        self.missing: dict[str, list[str]] = {}  # sweep -> items that failed or recorded nothing
+        self.outcomes: list[tuple[str, Any, list[Path], list[str]]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Results arrive here from this process or, under xdist, from the workers."""
+        if report.when != "call":
+            return
+        properties = dict(report.user_properties)
+        item = properties.get(ITEM_PROPERTY)
+        if item is None:
+            return
+        point = properties.get(SWEEP_PROPERTY)
+        if point is not None and report.passed:
+            self.points.setdefault(item["group"], []).append(point)
+        else:
+            reason = "failed" if report.failed else ("skipped" if report.skipped else "no lora_sweep.run() result")
+            self.missing.setdefault(item["group"], []).append(f"r={item['rank']} ({reason})")
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Apply the rule to every sweep and write its report (before the terminal summary prints)."""
+        from pytest_lora import sweep
+
+        if not self.points and not self.missing:
+            return
+        state = self.config.stash[STATE]
+        directory = Path(self.config.getoption("lora_sweep_dir") or self.config.rootpath / DEFAULT_SWEEP_DIR)
+        commit = sweep.git_commit(self.config.rootpath)
+        versions = sweep.package_versions()
+        for group in sorted({*self.points, *self.missing}):
+            records = self.points.get(group, [])
+            try:
+                decision = sweep.decide(records, state.session.policy.sweep)
+            except ValueError as exc:
+                self.outcomes.append((group, exc, [], []))
+                continue
+            first = records[0]
+            provenance = {
+                "sweep": group,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "base_model": first["base_model"],
+                "dataset": first["dataset"],
+                "dataset_fingerprint": first["dataset_fingerprint"],
+                "policy": state.session.policy.source,
+                "ranks_left_out": self.missing.get(group, []),
+                "git_commit": commit,
+                "versions": versions,
+            }
+            paths, notes = sweep.write_report(decision, provenance, directory, _file_name(group))
+            self.outcomes.append((group, decision, paths, notes))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """Name the chosen rank of each sweep, with its table and where the report is."""
+        if not self.outcomes:
+            return
+        terminalreporter.section("lora rank sweep")
+        for group, decision, paths, notes in self.outcomes:
+            terminalreporter.write_line(f"{group}:")
+            missing = self.missing.get(group)
+            if missing:
+                terminalreporter.write_line(f"  left out of the choice: {', '.join(missing)}", red=True)
+            if isinstance(decision, Exception):
+                terminalreporter.write_line(f"  no rank chosen: {decision}", red=True)
+                continue
+            for row in decision.rows:
+                terminalreporter.write_line(
+                    f"  r={row.point.rank:<4} {decision.rule.metric} {row.point.metric:.4g} ({row.quality:.1%} of best)"
+                    f"  time {row.point.seconds:.3g}s ({row.time_share:.0%} of longest)"
+                )
+            met = decision.rule_met
+            terminalreporter.write_line(f"  {decision.summary()}", green=met, yellow=not met)
+            for note in notes:
+                terminalreporter.write_line(f"  {note}")
+            terminalreporter.write_line(f"  report: {', '.join(str(path) for path in paths)}")
+
+
+def _file_name(group: str) -> str:
+    """A file name from a node id: `tests/test_x.py::test_sweep[qv]` -> `tests.test_x.test_sweep_qv`."""
+    path, _, name = group.partition("::")
+    stem = path.removesuffix(".py").replace("/", ".")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{stem}.{name}" if name else stem).strip("_")

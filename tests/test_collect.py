@@ -1,0 +1,208 @@
+"""Adapter configs as test items (pytester): collection, node ids, policy failures, saved tensors, broken files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pytest_lora.adapter_files import read_adapter, safetensors_header, saved_shapes
+from pytest_lora.collect import CHECK_OPTION, RESUME_OPTION
+from pytest_lora.errors import AdapterConfigError
+from pytest_lora.models import TINY_LLAMA_CONFIG
+
+pytestmark = pytest.mark.lora
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "adapters"
+PLUGIN = ("-p", "pytest_lora.collect")
+# A policy for the built-in tiny model (hidden size 64): adapters are a few percent of it.
+TINY_POLICY = """
+[tool.pytest_lora.policy]
+ranks = [4, 8, 16]
+min_trainable_pct = 1.0
+max_trainable_pct = 10.0
+required_targets = ["q_proj", "v_proj"]
+max_dropout = 0.2
+"""
+GOOD = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05}
+
+
+def _save_adapter(folder: Path, **fields) -> Path:
+    """A real PEFT adapter of the built-in model's architecture (16-bit, CPU), saved as PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA_CONFIG.items() if k != "architectures"})
+    get_peft_model(LlamaForCausalLM(config), LoraConfig(**{**GOOD, **fields})).save_pretrained(folder)
+    return folder
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_example_adapters_good_passes_bad_fails_with_a_diagnosis(lora_pytester: pytest.Pytester) -> None:
+    """The shipped example: a Llama-2-7b-shaped base from its config.json alone, a good and a bad config."""
+    shutil.copytree(EXAMPLES, lora_pytester.path / "adapters")
+    result = lora_pytester.runpytest(
+        *PLUGIN,
+        "adapters",
+        "--lora-policy=adapters/policy.toml",
+        f"{CHECK_OPTION}=adapters/good",
+        f"{CHECK_OPTION}=adapters/bad.toml",
+        "-v",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*collected 2 items",
+            "adapters/good PASSED*",
+            "adapters/bad.toml FAILED*",
+            "*adapters/bad.toml violates the LoRA policy (adapters/policy.toml); checked on base model llama-2-7b*",
+            "*r = 4 not in the policy's ranks [[]8, 16, 32]",
+            "*lora_dropout = 0.3 outside [[]0, 0.1]",
+            "*lora_alpha / r = 4 / 4 = 1, policy wants 2*",
+            "*LoRA parameter budget not met: 0.03111% < 0.05% (min)",
+            "*trainable        2,097,152*",
+            "*fix: r >= 7 on these targets (now r=4); the smallest policy rank that fits is r=8*",
+        ]
+    )
+
+
+def test_pyproject_globs_marker_node_ids_and_selection(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml(
+        TINY_POLICY + '\n[tool.pytest_lora]\nconfigs = ["adapters/*.json", "nowhere/*.toml"]\n'
+    )
+    folder = lora_pytester.mkdir("adapters")
+    (folder / "qv.json").write_text(json.dumps(GOOD))
+    (folder / "all.json").write_text(json.dumps({**GOOD, "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}))
+    lora_pytester.makepyfile("def test_plain():\n    pass\n")
+    result = lora_pytester.runpytest(*PLUGIN, "-v")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*collected 4 items",
+            "test_pyproject_globs_marker_node_ids_and_selection.py::test_plain PASSED*",
+            "adapters/all.json PASSED*",
+            "adapters/qv.json PASSED*",
+            "nowhere/*.toml FAILED*",
+            "*AdapterConfigError: *pyproject.toml [[]tool.pytest_lora[]] configs: 'nowhere/*.toml' matches no file.",
+        ]
+    )
+    lora_pytester.runpytest(*PLUGIN, "-m", "lora", "-k", "qv").assert_outcomes(passed=1, deselected=3)
+    # An explicit path narrows the run: the configs globs apply to runs without path arguments, like testpaths.
+    lora_pytester.runpytest(*PLUGIN, "test_pyproject_globs_marker_node_ids_and_selection.py").assert_outcomes(passed=1)
+
+
+def test_broken_files_fail_alone_and_the_others_are_still_checked(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    (lora_pytester.path / "broken.json").write_text('{"r": 8,, "lora_alpha": 16}')
+    (lora_pytester.path / "broken.toml").write_text("r = 8\nlora_alpha = \n")
+    (lora_pytester.path / "typo.json").write_text(json.dumps({**GOOD, "lora_aplha": 16}))
+    (lora_pytester.path / "targets.toml").write_text('r = 8\nlora_alpha = 16\ntarget_modules = ["q_proj", "v_prj"]\n')
+    (lora_pytester.path / "values.toml").write_text(
+        'r = "8"\nlora_dropout = 2\ntarget_modules = ["q_proj", "v_proj"]\n'
+    )
+    (lora_pytester.path / "good.toml").write_text('r = 8\nlora_alpha = 16\ntarget_modules = ["q_proj", "v_proj"]\n')
+    names = ["broken.json", "broken.toml", "typo.json", "targets.toml", "values.toml", "good.toml", "missing.json"]
+    result = lora_pytester.runpytest(*PLUGIN, *(f"{CHECK_OPTION}={name}" for name in names))
+    result.assert_outcomes(passed=1, failed=6)
+    result.stdout.fnmatch_lines_random(
+        [
+            "AdapterConfigError: adapter config */broken.json is not valid JSON: Expecting property name enclosed "
+            "in double quotes: line 1 column 9 (char 8). Fix the syntax there.",
+            "AdapterConfigError: adapter config */broken.toml is not valid TOML: *. Fix the syntax there.",
+            "AdapterConfigError: */typo.json: unknown LoraConfig field 'lora_aplha' = 16. Did you mean 'lora_alpha'?*",
+            "LoraAssertionError: */targets.toml violates the LoRA policy*",
+            "AdapterConfigError: */missing.json does not exist; check the path.",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["*LoraConfig.target_modules entry 'v_prj' matches no module of this model. Did you mean 'v_proj'?"]
+    )
+
+
+def test_saved_tensors_at_another_rank_than_the_config(lora_pytester: pytest.Pytester) -> None:
+    """The guide's warning: adapter shapes are fixed at init; a changed r cannot resume the checkpoint."""
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    folder = _save_adapter(lora_pytester.path / "run-1", rank_pattern={"layers.0.self_attn.q_proj": 4})
+    _edit_config(folder, r=16, lora_alpha=32)
+    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*adapter_model.safetensors: 7 module(s) saved at another rank than the config's",
+            "*model.layers.0.self_attn.v_proj: saved at rank 8, adapter_config.json says r = 16",
+            "*... and 2 more",
+            "*adapter shapes are fixed when the adapter is created*size mismatch for lora_A*",
+            "*retrain from scratch (do not resume this checkpoint with a new rank)",
+        ]
+    )
+    assert "layers.0.self_attn.q_proj: saved at rank" not in result.stdout.str()  # its rank_pattern entry fits
+
+
+def test_saved_adapter_consistent_passes_and_a_planned_resume_is_checked(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    _save_adapter(lora_pytester.path / "run-1")
+    lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1/adapter_config.json").assert_outcomes(passed=1)
+    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1", f"{RESUME_OPTION}=16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*planned resume at r = 16 (--lora-resume-rank), but this adapter was saved at r = 8 "
+            "(adapter_config.json r = 8; tensors saved at rank 8)",
+            "*fix: resume at r = 8; to train at r = 16, reload the base fresh and retrain from scratch*",
+        ]
+    )
+    lora_pytester.makepyprojecttoml(TINY_POLICY + "resume_rank = 8\n")
+    lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1").assert_outcomes(passed=1)
+
+
+def test_adapter_for_another_base_is_caught_from_the_header(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    folder = _save_adapter(lora_pytester.path / "wide")
+    header = safetensors_header(folder / "adapter_model.safetensors")
+    assert {s.r for s in saved_shapes(header)} == {8}
+    lora_pytester.makepyprojecttoml(
+        TINY_POLICY.replace("[tool.pytest_lora.policy]", "[tool.pytest_lora.policy]\nbase_model = 'other'")
+    )
+    other = lora_pytester.mkdir("other")
+    (other / "config.json").write_text(json.dumps({**TINY_LLAMA_CONFIG, "hidden_size": 128, "intermediate_size": 256}))
+    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=wide")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*checked on base model other*",
+            "*8 module(s) do not fit the base model",
+            "*model.layers.0.self_attn.q_proj: saved for in/out features 64/64, the base has 128/128",
+        ]
+    )
+
+
+def test_pickled_weights_are_reported_never_unpickled(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    folder = lora_pytester.mkdir("legacy")
+    (folder / "adapter_config.json").write_text(json.dumps(GOOD))
+    (folder / "adapter_model.bin").write_bytes(b"not a pickle: unpickling this would raise")
+    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=legacy")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*LoraPolicyWarning: */legacy/adapter_model.bin: pickled weights, not read (unpickling can run arbitrary*"]
+    )
+
+
+def test_read_adapter_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(AdapterConfigError, match="top level is"):
+        read_adapter(tmp_path / "list.json")
+    with pytest.raises(AdapterConfigError, match=r"directory without adapter_config\.json"):
+        read_adapter(tmp_path)
+    (tmp_path / "notes.txt").write_text("r = 8")
+    with pytest.raises(AdapterConfigError, match="not an adapter directory"):
+        read_adapter(tmp_path / "notes.txt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(AdapterConfigError, match="not a readable safetensors file"):
+        safetensors_header(tmp_path / "bad.safetensors")

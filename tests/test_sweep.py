@@ -1,0 +1,240 @@
+"""The rank sweep: the selection rule (pure), its report, and the sweep as parametrized items (pytester, xdist)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from pytest_lora.policy import SweepRule
+from pytest_lora.sweep import (
+    SweepPoint,
+    choose_rank,
+    decide,
+    markdown,
+    metric_threshold,
+    quality,
+    report_data,
+    write_report,
+)
+from pytest_lora.sweep_plugin import SWEEP_DIR_OPTION
+
+pytestmark = pytest.mark.lora
+
+ACCURACY = SweepRule(ranks=(8, 16, 32), metric="accuracy", higher_is_better=True)
+# The guide's worked example: accuracy 92% / 94% / 94.1% at r = 8 / 16 / 32, time growing with r.
+GUIDE = [SweepPoint(8, 0.92, 10.0), SweepPoint(16, 0.94, 20.0), SweepPoint(32, 0.941, 40.0)]
+
+
+def test_the_guides_worked_example_chooses_r16() -> None:
+    """92% vs 94.1% is 35% more errors, not 2% less accuracy: r=8 falls short, r=16 is the answer."""
+    decision = choose_rank(GUIDE, ACCURACY, ceiling=1.0)
+    assert (decision.chosen, decision.rule_met, decision.best_rank) == (16, True, 32)
+    assert [round(row.quality, 3) for row in decision.rows] == [0.738, 0.983, 1.0]
+    assert [row.time_share for row in decision.rows] == [0.25, 0.5, 1.0]
+    assert metric_threshold(0.941, ACCURACY, ceiling=1.0) == pytest.approx(1 - 0.059 / 0.95)
+    percent = [SweepPoint(p.rank, p.metric * 100, p.seconds) for p in GUIDE]
+    assert choose_rank(percent, ACCURACY, ceiling=100).chosen == 16
+    # Without a ceiling the comparison is metric / best (97.8% for r=8): the guide's answer needs the ceiling.
+    assert choose_rank(GUIDE, ACCURACY).chosen == 8
+
+
+def test_loss_like_metric_is_compared_as_best_over_metric() -> None:
+    rule = SweepRule(ranks=(4, 8, 16))
+    points = [SweepPoint(4, 2.20, 1.0), SweepPoint(8, 2.05, 2.0), SweepPoint(16, 2.00, 4.0)]
+    decision = choose_rank(points, rule)
+    assert [round(row.quality, 4) for row in decision.rows] == [0.9091, 0.9756, 1.0]
+    assert (decision.chosen, decision.rule_met) == (8, True)  # 2.05 <= 2.00 / 0.95 = 2.105
+    assert "smallest rank with >= 95% of the best val_loss (97.6%) in <= 70% of the longest time (50%)" in (
+        decision.summary()
+    )
+
+
+def test_when_no_rank_is_faster_the_smallest_good_rank_is_chosen_and_the_rule_is_not_met() -> None:
+    """On a small model every rank takes about as long: the time condition cannot separate them."""
+    points = [SweepPoint(4, 2.02, 1.0), SweepPoint(8, 2.00, 0.98), SweepPoint(16, 2.01, 0.99)]
+    decision = choose_rank(points, SweepRule())
+    assert (decision.chosen, decision.rule_met) == (4, False)
+    assert "no rank reached >= 95% of the best val_loss in <= 70% of the longest time (r=4 took 100%)" in (
+        decision.reason
+    )
+
+
+def test_time_threshold_can_pick_a_larger_but_faster_rank() -> None:
+    points = [SweepPoint(4, 1.0, 10.0), SweepPoint(8, 1.0, 5.0), SweepPoint(16, 1.0, 9.0)]
+    assert choose_rank(points, SweepRule(ranks=(4, 8, 16))).chosen == 8
+
+
+def test_diverged_runs_never_win_and_bad_input_is_refused() -> None:
+    points = [SweepPoint(4, math.nan, 1.0), SweepPoint(8, 2.0, 1.0), SweepPoint(16, 2.0, 3.0)]
+    decision = choose_rank(points, SweepRule())
+    assert (decision.rows[0].quality, decision.chosen) == (0.0, 8)
+    with pytest.raises(ValueError, match="no sweep results"):
+        choose_rank([], SweepRule())
+    with pytest.raises(ValueError, match="each rank must appear once"):
+        choose_rank([SweepPoint(4, 1.0, 1.0), SweepPoint(4, 1.0, 1.0)], SweepRule())
+    with pytest.raises(ValueError, match="every run diverged"):
+        choose_rank([SweepPoint(4, math.inf, 1.0)], SweepRule())
+    with pytest.raises(ValueError, match="must be >= 0, like a loss"):
+        quality(-1.0, 2.0, higher_is_better=False)
+    with pytest.raises(ValueError, match="above its ceiling"):
+        quality(1.2, 0.9, higher_is_better=True, ceiling=1.0)
+    assert quality(0.0, 0.0, higher_is_better=False) == 1.0
+
+
+def test_records_from_the_items_decide_with_the_policys_thresholds() -> None:
+    record = {"metric_name": "accuracy", "higher_is_better": True, "ceiling": 1.0}
+    records = [{"rank": p.rank, "metric": p.metric, "seconds": p.seconds, **record} for p in GUIDE]
+    decision = decide(records, SweepRule())
+    assert (decision.chosen, decision.rule.metric, decision.rows[0].point.details) == (16, "accuracy", record)
+    with pytest.raises(ValueError, match="different metrics"):
+        decide([*records[:2], {**records[2], "metric_name": "val_loss"}], SweepRule())
+    with pytest.raises(ValueError, match="no rank has a result"):
+        decide([], SweepRule())
+
+
+def test_report_data_and_markdown_carry_the_rule_and_the_choice() -> None:
+    decision = choose_rank(GUIDE, ACCURACY, ceiling=1.0)
+    data = report_data(decision, {"base_model": "llama-70b", "dataset_fingerprint": "abc"})
+    assert data["chosen_rank"] == 16 and data["base_model"] == "llama-70b"
+    assert data["rule"]["metric_fraction"] == 0.95 and data["rule"]["time_fraction"] == 0.7
+    assert data["rule"]["metric_ceiling"] == 1.0 and "error ratio" in data["rule"]["definition"]
+    assert [row["rank"] for row in data["ranks"]] == [8, 16, 32]
+    table = markdown(decision, "guide")
+    assert "| 16 | 0.94 | 98.3% | 20 | 50% | yes | yes | **r=16** |" in table
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    paths, notes = write_report(choose_rank(GUIDE, ACCURACY, ceiling=1.0), {"sweep": "guide"}, tmp_path, "guide")
+    assert [p.name for p in paths] == ["guide.json", "guide.md"]
+    assert notes == ["plots skipped: matplotlib is not installed (pip install 'pytest-lora[plots]')"]
+    assert json.loads((tmp_path / "guide.json").read_text())["chosen_rank"] == 16
+
+
+def test_plots_are_written_with_matplotlib(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    paths, notes = write_report(choose_rank(GUIDE, ACCURACY, ceiling=1.0), {"sweep": "guide"}, tmp_path, "guide")
+    assert notes == [] and paths[-1].name == "guide.png"
+    assert paths[-1].read_bytes().startswith(b"\x89PNG")
+
+
+def test_ranks_from_the_command_line_and_the_marker_make_the_items(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        """
+        import pytest
+
+        def test_default(lora_sweep):
+            pass
+
+        @pytest.mark.lora(sweep=[2, 32])
+        def test_marked(lora_sweep):
+            pass
+        """
+    )
+    result = lora_pytester.runpytest("-p", "pytest_lora.sweep_plugin", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_default[[]r=4]",
+            "*::test_default[[]r=8]",
+            "*::test_default[[]r=16]",
+            "*::test_marked[[]r=2]",
+            "*::test_marked[[]r=32]",
+        ]
+    )
+    result = lora_pytester.runpytest("-p", "pytest_lora.sweep_plugin", "--collect-only", "-q", "--lora-sweep", "1,64")
+    result.stdout.fnmatch_lines(["*::test_default[[]r=1]", "*::test_default[[]r=64]", "*::test_marked[[]r=2]"])
+
+
+SWEEPS = """
+import pytest
+
+from pytest_lora import synthetic_data
+
+TARGETS = {"target_modules": ["q_proj", "v_proj"]}
+DATA = synthetic_data(256, 32, n_train=80, n_val=8)  # small: the runs are 3 steps long
+
+
+def accuracy(model, val_ids):
+    \"\"\"A stand-in metric with known values per rank, so the expected choice is exact.\"\"\"
+    return {4: 0.80, 8: 0.94, 16: 0.941}[model.peft_config["default"].r]
+
+
+def test_accuracy_sweep(lora_sweep):
+    lora_sweep.run(TARGETS, metric=accuracy, higher_is_better=True, ceiling=1.0, dataset=DATA, seq_len=32)
+    assert lora_sweep.rank != 16, "r=16 fails after its run, so it is left out of the choice"
+
+
+@pytest.mark.lora(sweep=[4, 8])
+def test_loss_sweep(lora_sweep):
+    assert lora_sweep.run(TARGETS, dataset=DATA, seq_len=32) > 0
+
+
+@pytest.mark.lora(sweep=[4])
+def test_wrong_rank(lora_sweep):
+    lora_sweep.run({"r": 8, **TARGETS}, dataset=DATA, seq_len=32)
+"""
+
+
+def _reports(directory) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))}
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny CPU runs on a shared 2-core machine: two OpenMP threads per process make each op ~50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the xdist workers
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sweep_items_choose_the_same_rank_serially_and_under_xdist(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml("[tool.pytest_lora.policy.sweep]\nsteps = 3\n")
+    lora_pytester.makepyfile(test_sweeps=SWEEPS)
+    serial_dir, xdist_dir = lora_pytester.path / "serial", lora_pytester.path / "xdist"
+    result = lora_pytester.runpytest("-p", "pytest_lora.sweep_plugin", f"{SWEEP_DIR_OPTION}={serial_dir}")
+    result.assert_outcomes(passed=4, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*this item is the r=4 run of the sweep, but the config has r=8*",
+            "*= lora rank sweep =*",
+            "test_sweeps.py::test_accuracy_sweep:",
+            "  left out of the choice: r=16 (failed)",
+            "  r=4    accuracy 0.8 (30.0% of best)*",
+            "  r=8    accuracy 0.94 (100.0% of best)*",
+            "  chosen rank: r=8 (*",
+            "  report: */serial/test_sweeps.test_accuracy_sweep.json*",
+            "test_sweeps.py::test_loss_sweep:",
+            "  chosen rank: r=*",
+            "test_sweeps.py::test_wrong_rank:",
+            "  left out of the choice: r=4 (failed)",
+            "  no rank chosen: no rank has a result*",
+        ]
+    )
+    serial = _reports(serial_dir)
+    accuracy = serial["test_sweeps.test_accuracy_sweep"]
+    assert accuracy["chosen_rank"] == 8 and accuracy["ranks_left_out"] == ["r=16 (failed)"]
+    assert accuracy["rule"]["definition"].startswith("higher is better, ceiling 1")
+    loss = serial["test_sweeps.test_loss_sweep"]
+    row = loss["ranks"][0]
+    assert (row["metric_name"], row["steps"], row["train_sequences"]) == ("val_loss", 3, 8)
+    assert row["config"]["target_modules"] == ["q_proj", "v_proj"] and row["config"]["lora_alpha"] == 8
+    assert loss["base_model"] == "builtin:tiny-llama" and len(loss["dataset_fingerprint"]) == 16
+    assert loss["versions"]["peft"] and "git_commit" in loss
+
+    result = lora_pytester.runpytest_subprocess(
+        "-p", "pytest_lora.sweep_plugin", "-n", "2", f"{SWEEP_DIR_OPTION}={xdist_dir}"
+    )
+    result.assert_outcomes(passed=4, failed=2)
+    parallel = _reports(xdist_dir)
+    assert parallel.keys() == serial.keys()
+    for name, report in serial.items():
+        assert parallel[name]["chosen_rank"] == report["chosen_rank"], name
+        assert [r["metric"] for r in parallel[name]["ranks"]] == pytest.approx([r["metric"] for r in report["ranks"]])
