@@ -36,6 +36,8 @@ from pytest_lora.errors import (
     TrainingError,
 )
 from pytest_lora.estimate import estimate_lora_parameters
+from pytest_lora.memory import MemoryEstimate, estimate_memory
+from pytest_lora.memory_check import assert_fits_memory
 from pytest_lora.models import BUILTIN_MODEL
 from pytest_lora.policy import Policy, SweepRule, load_policy
 from pytest_lora.training import TrainResult, synthetic_data
@@ -48,6 +50,7 @@ __all__ = [
     "LoraAssertionError",
     "LoraError",
     "LoraPolicyWarning",
+    "MemoryEstimate",
     "ModelLoadError",
     "OverfitRule",
     "OverfitVerdict",
@@ -65,12 +68,14 @@ __all__ = [
     "analyze_plateau",
     "assert_adapter_shapes",
     "assert_alpha_ratio",
+    "assert_fits_memory",
     "assert_no_overfit",
     "assert_no_plateau",
     "assert_param_budget",
     "assert_policy",
     "count_parameters",
     "estimate_lora_parameters",
+    "estimate_memory",
     "load_policy",
     "synthetic_data",
     "use_policy",

@@ -89,7 +89,7 @@ def _timed_rounds(
     """
     import torch
 
-    training._guard_cpu_repack(model)
+    training.guard_cpu_repack(model)
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
@@ -109,11 +109,11 @@ def _timed_rounds(
             optimizer.zero_grad(set_to_none=True)
             last_loss[:] = [loss.detach()]
             del loss  # a graph kept alive into the next forward costs ~2% on the tiny model
-        training._sync(device)
+        training.sync(device)
         seconds.append(time.perf_counter() - start)
 
     model.train()
-    training._sync(device)
+    training.sync(device)
     with measure_peak(device) as peak:
         benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     value = float(last_loss[0])
@@ -166,11 +166,11 @@ def lora_benchmark(
         _check_args(rounds=rounds, warmup_rounds=warmup_rounds)
         model = manager.attach(config, seed=lora_settings.seed)
         training.check_seq_len(seq_len, model)
-        device = training._device_of(model)
+        device = training.device_of(model)
         vocab = model.get_base_model().config.vocab_size
         seed = lora_settings.seed
         data = training.coerce_data(dataset, seq_len=seq_len, vocab_size=vocab, batch_size=batch_size, seed=seed)
-        training._check_run_args(steps=steps_per_round, lr=lr, batch_size=batch_size, n_train=len(data.train))
+        training.check_run_args(steps=steps_per_round, lr=lr, batch_size=batch_size, n_train=len(data.train))
         shape = model_shape(model)
         label = config_label(model, shape)
         if benchmark.group is None:

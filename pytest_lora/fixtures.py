@@ -84,6 +84,8 @@ def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Cal
     `input_ids`; default: the built-in learnable synthetic data.
     """
     from pytest_lora import training
+    from pytest_lora.memory import estimate_memory
+    from pytest_lora.memory_check import run_oom_checked
 
     def run(
         config_or_model: Any,
@@ -103,16 +105,20 @@ def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Cal
         training.check_seq_len(seq_len, model)
         vocab = model.get_base_model().config.vocab_size
         data = training.coerce_data(dataset, seq_len=seq_len, vocab_size=vocab, batch_size=batch_size, seed=seed)
-        result = training.train(
-            model,
-            data,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            eval_every=eval_every,
-            weight_decay=weight_decay,
+        return run_oom_checked(
+            lambda: training.train(
+                model,
+                data,
+                steps=steps,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                eval_every=eval_every,
+                weight_decay=weight_decay,
+            ),
+            what=f"lora_train (batch {batch_size} x seq {seq_len})",
+            device=training.device_of(model),
+            estimate=lambda: estimate_memory(model, batch_size=batch_size, seq_len=seq_len),
         )
-        return result
 
     return run

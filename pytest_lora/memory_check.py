@@ -25,6 +25,7 @@ from pytest_lora.memory import (
     shape_for_estimate,
 )
 from pytest_lora.shapes import ModelShape, QuantLayout
+from pytest_lora.training import device_of
 
 T = TypeVar("T")
 
@@ -93,12 +94,6 @@ def fix_options(shape: ModelShape, estimate: MemoryEstimate, budget: int | None 
     return lines
 
 
-def _device_of(model: Any) -> str:
-    for param in model.parameters():
-        return str(param.device)
-    return "cpu"
-
-
 def _budget(model: Any, estimate: MemoryEstimate, budget_bytes: int | None) -> tuple[int, int, str]:
     """(budget, bytes of the estimate that count against it, where the budget comes from)."""
     if budget_bytes is not None:
@@ -107,7 +102,7 @@ def _budget(model: Any, estimate: MemoryEstimate, budget_bytes: int | None) -> t
     if policy.memory_budget_gb is not None:
         budget = int(policy.memory_budget_gb * GIB)
         return budget, estimate.total, f"memory_budget_gb = {policy.memory_budget_gb:g} GiB ({policy.source})"
-    device = _device_of(model) if hasattr(model, "parameters") else "meta"
+    device = device_of(model) if hasattr(model, "parameters") else "meta"
     if device.startswith("cuda"):
         import torch
 

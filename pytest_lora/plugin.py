@@ -17,6 +17,7 @@ from pytest_lora.assertions import set_active_policy
 from pytest_lora.errors import LoraAssertionError, LoraError, SettingsError
 from pytest_lora.models import silence_bitsandbytes_kernel_notice
 from pytest_lora.policy import Policy, load_policy, policy_from_pyproject
+from pytest_lora.report import RunRecord, records_from_properties, write_json, write_rank_table
 from pytest_lora.session import LoraSession
 from pytest_lora.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
 from pytest_lora.state import MARKER, STATE, LoraState, marker_overrides
@@ -80,6 +81,8 @@ def pytest_configure(config: pytest.Config) -> None:
     silence_bitsandbytes_kernel_notice()
     config.pluginmanager.register(fixtures, "lora-fixtures")
     config.pluginmanager.register(LoraReporter(state), "lora-reporter")
+    if config.pluginmanager.hasplugin("benchmark"):  # pytest-benchmark is active: lora_benchmark builds on it
+        config.pluginmanager.import_plugin("pytest_lora.bench")
 
 
 def _require_gpu() -> None:
@@ -184,13 +187,16 @@ class LoraReporter:
     def __init__(self, state: LoraState) -> None:
         self.state = state
         self.xfails: list[tuple[str, str]] = []
+        self.runs: list[RunRecord] = []  # lora_benchmark records, from every xdist worker too
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.xfails += [(report.nodeid, value) for key, value in report.user_properties if key == _XFAIL_KEY]
+        if report.when == "call":
+            self.runs += records_from_properties(report.user_properties)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         session = self.state.session
-        if not (session.bases or self.xfails):
+        if not (session.bases or self.xfails or self.runs):
             return
         terminalreporter.section("lora")
         for nodeid, message in self.xfails:
@@ -209,6 +215,13 @@ class LoraReporter:
             )
         elif changed is not None:
             terminalreporter.write_line("--lora-verify-base: base weights identical at start and end", green=True)
+        write_rank_table(terminalreporter, self.runs)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """`--lora-report PATH`: the JSON report, written once, by the controller under xdist."""
+        path = self.state.session.settings.report
+        if path and not hasattr(session.config, "workerinput"):
+            write_json(path, self.runs)
 
 
 @pytest.hookimpl(trylast=True)

@@ -159,20 +159,20 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _device_of(model: Any) -> str:
+def device_of(model: Any) -> str:
     for param in model.parameters():
         return str(param.device)
     return "cpu"
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize(device)
 
 
-def _guard_cpu_repack(model: Any) -> None:
+def guard_cpu_repack(model: Any) -> None:
     """Refuse a model whose 4-bit layers were already repacked, and keep the rest from repacking."""
     repacked = repacked_4bit_layers(model)
     if repacked:
@@ -243,9 +243,9 @@ def train(
     """
     import torch
 
-    _check_run_args(steps=steps, lr=lr, batch_size=batch_size, n_train=len(data.train))
-    device = _device_of(model)
-    _guard_cpu_repack(model)
+    check_run_args(steps=steps, lr=lr, batch_size=batch_size, n_train=len(data.train))
+    device = device_of(model)
+    guard_cpu_repack(model)
     trainable = _lora_params(model)
     if not trainable:
         raise TrainingError(
@@ -268,7 +268,7 @@ def train(
         for step in range(1, steps + 1):
             rows = order[torch.arange((step - 1) * batch_size, step * batch_size) % len(order)]
             batch = data.train[rows].to(device)
-            _sync(device)
+            sync(device)
             started = time.perf_counter()
             try:
                 loss = model(input_ids=batch, labels=batch).loss
@@ -290,7 +290,7 @@ def train(
                 _check_gradients(trainable, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            _sync(device)
+            sync(device)
             train_seconds += time.perf_counter() - started
             losses.append(value)
             if step % eval_every == 0 or step == steps:
@@ -325,7 +325,7 @@ def train(
     )
 
 
-def _check_run_args(*, steps: int, lr: float, batch_size: int, n_train: int) -> None:
+def check_run_args(*, steps: int, lr: float, batch_size: int, n_train: int) -> None:
     problems = []
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"steps={steps!r}: must be an int >= 1")

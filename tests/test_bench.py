@@ -261,7 +261,8 @@ def test_under_xdist_records_reach_the_controller(lora_pytester: pytest.Pytester
 def test_the_throughput_example_writes_one_entry_per_rank(lora_pytester: pytest.Pytester) -> None:
     """`pytest -m lora examples/ --benchmark-json=out.json`, on a copy of examples/test_throughput.py."""
     example = Path(__file__).parents[1] / "examples" / "test_throughput.py"
-    shutil.copy(example, lora_pytester.path / "test_throughput.py")
+    # another module name: a session that collects examples/ too has `test_throughput` imported already
+    shutil.copy(example, lora_pytester.path / "test_throughput_copy.py")
     result = lora_pytester.runpytest("-m", "lora", "--benchmark-json=out.json")
     result.assert_outcomes(passed=4)
     benches = extra_info_by_name(lora_pytester.path / "out.json")

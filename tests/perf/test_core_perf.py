@@ -65,7 +65,8 @@ def test_collect_only_cost_of_the_plugin(benchmark, tmp_path):
     with_plugin = _median_seconds(lambda: _collect(tmp_path), repeat=5)
     without = _median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=5)
     benchmark.extra_info.update(with_plugin_s=with_plugin, without_plugin_s=without, ratio=with_plugin / without)
-    print(f"\ncollect-only: with plugin {with_plugin:.3f}s, -p no:lora {without:.3f}s: ratio {with_plugin / without:.3f}")
+    ratio = with_plugin / without
+    print(f"\ncollect-only: with plugin {with_plugin:.3f}s, -p no:lora {without:.3f}s: ratio {ratio:.3f}")
 
 
 def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
@@ -92,7 +93,8 @@ def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
         return steps * batch * seq / (time.perf_counter() - start)
 
     def fixture_run() -> float:
-        return lora_train(lora_config(8), steps=steps, batch_size=batch, seq_len=seq, eval_every=steps).tokens_per_second
+        result = lora_train(lora_config(8), steps=steps, batch_size=batch, seq_len=seq, eval_every=steps)
+        return result.tokens_per_second
 
     benchmark.group = "core: lora_train vs hand-written loop"
     benchmark.pedantic(fixture_run, rounds=3, warmup_rounds=1)
