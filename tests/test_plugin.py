@@ -368,3 +368,40 @@ def test_verify_base_passes_a_clean_session(lora_pytester: pytest.Pytester) -> N
     result = lora_pytester.runpytest("--lora-verify-base")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*--lora-verify-base: base weights identical at start and end*"])
+
+
+def test_failures_inside_a_benchmark_and_a_given_leave_the_base_as_loaded(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyfile(
+        CONFIG
+        + """
+from hypothesis import given, settings, strategies as st
+
+def test_benchmark_raises_midway(lora_benchmark, lora_base_model):
+    def boom(*args):
+        raise RuntimeError("fails inside a timed step")
+
+    handle = lora_base_model.lm_head.register_forward_pre_hook(boom)
+    try:
+        lora_benchmark(CFG, rounds=1, warmup_rounds=0, steps_per_round=1)
+    finally:
+        handle.remove()
+
+@settings(max_examples=3, database=None)
+@given(r=st.sampled_from([4, 8]))
+def test_given_raises_inside_an_example(lora_adapters, r):
+    from peft import LoraConfig
+    with lora_adapters.attached(LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj"])):
+        raise RuntimeError("fails inside the example")
+
+def test_train_raises_midway(lora_train):
+    lora_train(CFG, steps=2)
+    raise RuntimeError("after training")
+
+def test_z_base_is_as_loaded(lora_base_model, lora_model):
+    assert not any("lora" in name for name, _ in lora_base_model.named_modules())
+    assert lora_model(CFG).get_nb_trainable_parameters()[0] == 7168
+"""
+    )
+    result = lora_pytester.runpytest("--lora-verify-base", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=3)
+    result.stdout.fnmatch_lines(["*--lora-verify-base: base weights identical at start and end*"])
