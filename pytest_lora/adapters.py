@@ -280,27 +280,27 @@ def _byte_dtype() -> Any:
 def strip_adapters(model: Any) -> int:
     """Replace every PEFT layer and wrapper by the module it wraps; return how many were removed.
 
-    The last resort when a test left adapters behind (a stray `get_peft_model`): the next
-    test gets the base as loaded rather than stacked adapters.
+    Used on every detach (exact, unlike `PeftModel.unload()`), and as the repair when a test left
+    adapters behind (a stray `get_peft_model`): the next test gets the base as loaded.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
+    wrappers = (BaseTunerLayer, AuxiliaryTrainingWrapper)
     removed = 0
     while True:
-        stray = [
-            (name, m)
-            for name, m in model.named_modules()
-            if name and isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
-        ]
-        if not stray:
+        outermost = []
+        for name, module in model.named_modules():
+            if name and isinstance(module, wrappers) and not any(name.startswith(f"{o}.") for o, _ in outermost):
+                outermost.append((name, module))
+        if not outermost:
             break
-        name, module = stray[0]
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        original = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module.get_base_layer()
-        setattr(parent, child, original)
-        removed += 1
+        for name, module in outermost:  # stacked adapters unwrap one level per pass
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            inner = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module.get_base_layer()
+            setattr(parent, child, inner)
+        removed += len(outermost)
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         if attr in vars(model):
             delattr(model, attr)

@@ -310,9 +310,13 @@ def silence_bitsandbytes_kernel_notice() -> None:
     It is printed on import on AVX512-BF16 CPUs, asks for a package that downloads kernels from
     a hub, and changes nothing for training: it would only confuse the test output.
     """
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in str(record.msg)
-    )
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _drop_kernels_notice not in logger.filters:
+        logger.addFilter(_drop_kernels_notice)
+
+
+def _drop_kernels_notice(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in str(record.msg)
 
 
 def _offline() -> bool:

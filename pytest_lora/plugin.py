@@ -26,6 +26,9 @@ from pytest_lora.state import MARKER, STATE, LoraState, marker_overrides
 # `-p no:lora` disables them too.
 pytest_plugins = ("pytest_lora.collect", "pytest_lora.sweep_plugin")
 
+# A logging filter only (bitsandbytes is not imported): set before any conftest imports bitsandbytes.
+silence_bitsandbytes_kernel_notice()
+
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _OWN_DIR = str(Path(__file__).parent)
 
@@ -78,7 +81,6 @@ def pytest_configure(config: pytest.Config) -> None:
         _require_gpu()
     config.stash[STATE] = state
     set_active_policy(state.session.policy)
-    silence_bitsandbytes_kernel_notice()
     config.pluginmanager.register(fixtures, "lora-fixtures")
     config.pluginmanager.register(LoraReporter(state), "lora-reporter")
     if config.pluginmanager.hasplugin("benchmark"):  # pytest-benchmark is active: lora_benchmark builds on it

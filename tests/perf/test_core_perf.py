@@ -7,6 +7,7 @@ to `--benchmark-json`.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import pytest
 from conftest import lora_config
 
+from pytest_lora.adapters import AdapterManager
 from pytest_lora.models import load_base_model
 
 pytestmark = pytest.mark.lora
@@ -29,9 +31,30 @@ def _median_seconds(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def test_attach_detach_vs_base_load(benchmark, lora_session):
-    """Attaching and removing an adapter per test costs a small fraction of loading the base."""
-    manager = lora_session.manager()
+MEDIUM_LLAMA = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "vocab_size": 8000}
+
+
+@pytest.fixture(params=["builtin", "medium"])
+def base_settings(request, lora_session, tmp_path_factory):
+    """The built-in tiny model, and a ~40M-parameter Llama where loading costs more than bookkeeping."""
+    if request.param == "builtin":
+        return lora_session.settings
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pytest_lora.models import TINY_LLAMA_CONFIG
+
+    path = tmp_path_factory.mktemp("medium-llama")
+    fields = {k: v for k, v in TINY_LLAMA_CONFIG.items() if k != "architectures"}
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**fields, **MEDIUM_LLAMA})).save_pretrained(path)
+    return dataclasses.replace(lora_session.settings, model=str(path))
+
+
+def test_attach_detach_vs_base_load(benchmark, base_settings):
+    """Attaching and removing an adapter per test costs a fraction of loading the base (which happens once)."""
+    loaded = load_base_model(base_settings)
+    manager = AdapterManager(loaded.model)
     config = lora_config(8)
 
     def attach_detach() -> None:
@@ -40,7 +63,7 @@ def test_attach_detach_vs_base_load(benchmark, lora_session):
 
     benchmark.group = "core: adapter per test vs base load"
     benchmark.pedantic(attach_detach, rounds=5, warmup_rounds=1)
-    load = _median_seconds(lambda: load_base_model(lora_session.settings), repeat=3)
+    load = _median_seconds(lambda: load_base_model(base_settings), repeat=3)
     attach = _median_seconds(attach_detach, repeat=5)
     benchmark.extra_info.update(load_s=load, attach_detach_s=attach, attach_over_load=attach / load)
     print(f"\nattach+detach {attach * 1e3:.1f} ms, base load {load * 1e3:.1f} ms: ratio {attach / load:.3f}")
