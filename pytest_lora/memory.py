@@ -35,7 +35,7 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
-def _cpu_peak_bytes() -> int:
+def cpu_peak_bytes() -> int:
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
@@ -62,7 +62,7 @@ def measure_peak(device: str) -> Iterator[PeakMemory]:
         return
     result.scope = "run" if _reset_cpu_peak() else "process"
     yield result
-    result.bytes = _cpu_peak_bytes()
+    result.bytes = cpu_peak_bytes()
 
 
 # --- estimate from shapes ---------------------------------------------------------------------------

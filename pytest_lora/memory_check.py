@@ -19,7 +19,7 @@ from pytest_lora.memory import (
     DEFAULT_QUANT,
     GIB,
     MemoryEstimate,
-    _cpu_peak_bytes,
+    cpu_peak_bytes,
     format_bytes,
     memory_breakdown,
     shape_for_estimate,
@@ -173,7 +173,7 @@ def _measured_peak(device: str) -> tuple[int, str]:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    return _cpu_peak_bytes(), "process peak RSS"
+    return cpu_peak_bytes(), "process peak RSS"
 
 
 def release_memory(device: str) -> None:

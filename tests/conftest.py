@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import bitsandbytes  # noqa: F401
 import peft  # noqa: F401
 import pytest
-import torch  # noqa: F401
+import torch
 import transformers  # noqa: F401
 
 # Imported here, in the outer session, on purpose: pytester's in-process runs drop the modules
@@ -36,3 +39,32 @@ def lora_pytester(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFa
         """
     )
     return pytester
+
+
+def median_seconds(fn, repeat: int) -> float:
+    """Median wall time of `repeat` calls: the baseline side of a benchmark's ratio."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_4bit_on_cuda(directory):
+    """A saved model loaded as QLoRA runs do on a GPU: nf4 + double quant, the rest in bf16, frozen."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from pytest_lora.models import prepare_base
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cuda:0"}
+    )
+    prepare_base(base)
+    return base

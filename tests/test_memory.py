@@ -250,24 +250,14 @@ def test_other_errors_pass_through():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with max_memory_allocated")
 def test_estimate_against_cuda_max_memory_allocated(tmp_path):
     """A 4-bit random-init Llama (1024 wide, 8 layers, 32k vocab) on the GPU: estimate within 15% of measured."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from conftest import load_4bit_on_cuda
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from pytest_lora.adapters import AdapterManager
-    from pytest_lora.models import prepare_base
 
     shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16)
     LlamaForCausalLM(LlamaConfig(**shape, vocab_size=32000, dtype="bfloat16")).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cuda:0"}
-    )
-    prepare_base(base)
-    model = AdapterManager(base).attach(lora_config(16))
+    model = AdapterManager(load_4bit_on_cuda(tmp_path)).attach(lora_config(16))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.randint(0, 32000, (4, 512), device="cuda:0")
     model.train()

@@ -14,21 +14,12 @@ import sys
 import time
 
 import pytest
-from conftest import lora_config
+from conftest import lora_config, median_seconds
 
 from pytest_lora.adapters import AdapterManager
 from pytest_lora.models import load_base_model
 
 pytestmark = pytest.mark.lora
-
-
-def _median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 MEDIUM_LLAMA = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "vocab_size": 8000}
@@ -63,8 +54,8 @@ def test_attach_detach_vs_base_load(benchmark, base_settings):
 
     benchmark.group = "core: adapter per test vs base load"
     benchmark.pedantic(attach_detach, rounds=5, warmup_rounds=1)
-    load = _median_seconds(lambda: load_base_model(base_settings), repeat=3)
-    attach = _median_seconds(attach_detach, repeat=5)
+    load = median_seconds(lambda: load_base_model(base_settings), repeat=3)
+    attach = median_seconds(attach_detach, repeat=5)
     benchmark.extra_info.update(load_s=load, attach_detach_s=attach, attach_over_load=attach / load)
     print(f"\nattach+detach {attach * 1e3:.1f} ms, base load {load * 1e3:.1f} ms: ratio {attach / load:.3f}")
 
@@ -85,8 +76,8 @@ def test_collect_only_cost_of_the_plugin(benchmark, tmp_path):
         (tmp_path / f"test_plain_{module}.py").write_text(tests)
     benchmark.group = "core: --collect-only, plugin on vs -p no:lora"
     benchmark.pedantic(_collect, args=(tmp_path,), rounds=3, warmup_rounds=1)
-    with_plugin = _median_seconds(lambda: _collect(tmp_path), repeat=5)
-    without = _median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=5)
+    with_plugin = median_seconds(lambda: _collect(tmp_path), repeat=5)
+    without = median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=5)
     benchmark.extra_info.update(with_plugin_s=with_plugin, without_plugin_s=without, ratio=with_plugin / without)
     ratio = with_plugin / without
     print(f"\ncollect-only: with plugin {with_plugin:.3f}s, -p no:lora {without:.3f}s: ratio {ratio:.3f}")

@@ -9,12 +9,11 @@ resource bound, not a timing.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import median_seconds
 
 from pytest_lora.counting import ParamCount, count_parameters
 from pytest_lora.estimate import estimate_lora_parameters, meta_model
@@ -48,15 +47,6 @@ def _estimate() -> ParamCount:
     return estimate_lora_parameters(LLAMA_2_70B, ALL_LINEAR_R64)
 
 
-def _median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def test_70b_all_linear_estimate_vs_peft_on_meta(benchmark) -> None:
     """Same count as PEFT, in a fraction of its time (target: at most half)."""
     estimate, peft = _estimate(), _peft_count()  # also the warm-up of both paths
@@ -64,19 +54,24 @@ def test_70b_all_linear_estimate_vs_peft_on_meta(benchmark) -> None:
     assert estimate.trainable == TRAINABLE
     benchmark.group = "estimate: Llama-2-70b all-linear r=64, vs PEFT get_peft_model on meta"
     benchmark.pedantic(_estimate, rounds=5, warmup_rounds=1)
-    ours = _median_seconds(_estimate, repeat=5)
-    theirs = _median_seconds(_peft_count, repeat=3)
+    ours = median_seconds(_estimate, repeat=5)
+    theirs = median_seconds(_peft_count, repeat=3)
     benchmark.extra_info.update(estimate_s=ours, peft_meta_s=theirs, ratio=ours / theirs, trainable=TRAINABLE)
     print(f"\nestimate {ours * 1e3:.0f} ms, PEFT on meta {theirs * 1e3:.0f} ms: ratio {ours / theirs:.3f}")
 
 
 def test_70b_estimate_in_a_fresh_process_stays_under_600_mb() -> None:
-    """Peak RSS of a new interpreter doing only the estimate (imports of torch, transformers, PEFT included)."""
+    """Peak RSS of a new interpreter doing only the estimate (imports of torch, transformers, PEFT included).
+
+    Read from the child's own VmHWM: `ru_maxrss` survives fork + exec on Linux, so it would report the
+    parent test process' size whenever that was larger.
+    """
     code = (
-        "import resource, sys, json;"
+        "import sys, json;"
         "from pytest_lora.estimate import estimate_lora_parameters;"
+        "from pytest_lora.memory import cpu_peak_bytes;"
         "count = estimate_lora_parameters(json.loads(sys.argv[1]), json.loads(sys.argv[2]));"
-        "print(count.trainable, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(count.trainable, cpu_peak_bytes() // 1024)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(LLAMA_2_70B), json.dumps(ALL_LINEAR_R64)],
@@ -87,6 +82,6 @@ def test_70b_estimate_in_a_fresh_process_stays_under_600_mb() -> None:
     ).stdout.split()
     trainable, peak_kb = int(out[-2]), int(out[-1])
     assert trainable == TRAINABLE
-    peak_mb = peak_kb / 1024  # Linux reports ru_maxrss in KiB
+    peak_mb = peak_kb / 1024
     print(f"\npeak RSS of a fresh process estimating Llama-2-70b: {peak_mb:.0f} MB (limit {MAX_RSS_MB} MB)")
     assert peak_mb < MAX_RSS_MB, f"{peak_mb:.0f} MB >= {MAX_RSS_MB} MB"

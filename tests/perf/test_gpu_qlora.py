@@ -12,12 +12,11 @@ import time
 
 import pytest
 import torch
-from conftest import lora_config
+from conftest import load_4bit_on_cuda, lora_config
 
 from pytest_lora.adapters import AdapterManager
 from pytest_lora.flops import mfu, peak_flops, step_flops
 from pytest_lora.memory import format_bytes, memory_breakdown
-from pytest_lora.models import prepare_base
 from pytest_lora.shapes import model_shape
 
 pytestmark = [
@@ -39,7 +38,7 @@ LLAMA_2_7B = dict(
 
 @pytest.fixture(scope="module")
 def qlora_7b(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     directory = tmp_path_factory.mktemp("llama-7b-shape")
     with torch.device("cuda"):
@@ -47,17 +46,7 @@ def qlora_7b(tmp_path_factory):
     model.save_pretrained(directory)
     del model
     torch.cuda.empty_cache()
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        directory, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cuda:0"}
-    )
-    prepare_base(base)
-    return AdapterManager(base)
+    return AdapterManager(load_4bit_on_cuda(directory))
 
 
 @pytest.mark.parametrize("r", [8, 64])
