@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 
-from pytest_lora.errors import AdapterConfigError, PolicyError
+from pytest_lora.errors import AdapterConfigError, PolicyError, SettingsError
 from pytest_lora.policy import SweepRule
 from pytest_lora.session import LoraSession
 from pytest_lora.settings import Settings
 from pytest_lora.state import STATE, marker_overrides
+from pytest_lora.tracking import log_sweep, require_mlflow
 
 SWEEP_DIR_OPTION = "--lora-sweep-dir"
 SWEEP_PROPERTY = "lora_sweep"  # user_properties key of a rank's result
@@ -46,11 +47,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help=f"Directory for rank sweep reports (JSON, Markdown, PNG) (default: {DEFAULT_SWEEP_DIR} in the rootdir)",
     )
+    parser.getgroup("lora").addoption(
+        "--lora-mlflow",
+        dest="lora_mlflow",
+        default=None,
+        metavar="URI",
+        help="Log each rank sweep to this MLflow tracking URI, e.g. sqlite:///mlflow.db: one run per rank "
+        "plus the decision (needs pytest-lora[mlflow]) (default: off)",
+    )
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     """The controller (or a serial run) gathers the per-rank results; xdist workers only send them."""
+    uri = config.getoption("lora_mlflow")
+    if uri:
+        try:
+            require_mlflow(uri)
+        except SettingsError as exc:
+            raise pytest.UsageError(f"pytest-lora: {exc}") from None
     if not hasattr(config, "workerinput") and STATE in config.stash:
         config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
 
@@ -312,7 +327,19 @@ class SweepRecorder:
                 "versions": versions,
             }
             paths, notes = sweep.write_report(decision, provenance, directory, _file_name(group))
+            uri = self.config.getoption("lora_mlflow")
+            if uri:
+                notes.append(self._log_to_mlflow(uri, decision, provenance, paths))
             self.outcomes.append((group, decision, paths, notes))
+
+    @staticmethod
+    def _log_to_mlflow(uri: str, decision: Any, provenance: dict[str, Any], paths: list[Path]) -> str:
+        """A tracking store that fails must not lose the sweep: the files are written, the note says why."""
+        try:
+            run_id = log_sweep(uri, decision, provenance, paths)
+        except Exception as exc:  # any store error; the report on disk stays the record
+            return f"MLflow logging to {uri} FAILED ({type(exc).__name__}: {exc}); the report files above are complete"
+        return f"MLflow: logged to {uri} (decision run {run_id}, one child run per rank)"
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Name the chosen rank of each sweep, with its table and where the report is."""

@@ -238,3 +238,41 @@ def test_sweep_items_choose_the_same_rank_serially_and_under_xdist(lora_pytester
     for name, report in serial.items():
         assert parallel[name]["chosen_rank"] == report["chosen_rank"], name
         assert [r["metric"] for r in parallel[name]["ranks"]] == pytest.approx([r["metric"] for r in report["ranks"]])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sweep_is_logged_to_mlflow_one_run_per_rank_plus_the_decision(lora_pytester: pytest.Pytester) -> None:
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    from pytest_lora.tracking import EXPERIMENT
+
+    lora_pytester.makepyprojecttoml("[tool.pytest_lora.policy.sweep]\nsteps = 3\n")
+    lora_pytester.makepyfile(test_sweeps=SWEEPS)
+    uri = f"sqlite:///{lora_pytester.path / 'mlflow.db'}"
+    result = lora_pytester.runpytest(
+        "-p", "pytest_lora.sweep_plugin", f"{SWEEP_DIR_OPTION}={lora_pytester.path / 'out'}", "--lora-mlflow", uri
+    )
+    result.assert_outcomes(passed=4, failed=2)
+    result.stdout.fnmatch_lines([f"  MLflow: logged to {uri} (decision run *, one child run per rank)"])
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    decisions = {r.data.tags["pytest_lora.sweep"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    accuracy = decisions["test_sweeps.py::test_accuracy_sweep"]
+    assert accuracy.data.params["chosen_rank"] == "8" and accuracy.data.params["metric"] == "accuracy"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == accuracy.info.run_id]
+    assert sorted(int(r.data.params["rank"]) for r in children) == [4, 8]
+    assert {r.data.metrics["accuracy"] for r in children} == {0.80, 0.94}
+    artifacts = {a.path for a in client.list_artifacts(accuracy.info.run_id)}
+    assert "test_sweeps.test_accuracy_sweep.json" in artifacts
+
+
+def test_mlflow_option_without_mlflow_is_a_usage_error(lora_pytester: pytest.Pytester, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    result = lora_pytester.runpytest("-p", "pytest_lora.sweep_plugin", "--lora-mlflow", "sqlite:///x.db")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lora-mlflow sqlite:///x.db: MLflow is not installed.*"])
