@@ -99,11 +99,16 @@ def assert_param_budget(model: Any, min_pct: float | None = None, max_pct: float
         if shapes
         else "no LoRA modules found"
     )
+    packed = _packed_half(model)
+    total_note = (
+        f"4-bit weights counted unpacked, as PEFT does; a naive numel() sum would report {count.total - packed:,}"
+        if packed
+        else "all parameters"
+    )
     lines = [
         head,
         f"  trainable  {count.trainable:>15,}   ({detail})",
-        f"  total      {count.total:>15,}   (4-bit weights counted unpacked, as PEFT does; a naive numel() "
-        f"sum would report {count.total - _packed_half(model):,})",
+        f"  total      {count.total:>15,}   ({total_note})",
     ]
     if other_trainable:
         lines.append(f"  of which {other_trainable:,} are trainable outside the adapters (modules_to_save, bias)")
@@ -202,6 +207,13 @@ def assert_alpha_ratio(
     if not bad:
         return
     where, r, alpha, scaling, want = bad[0]
+    same = [b for b in bad if (b[1], b[2]) == (r, alpha)]
+    if len(same) > 1:  # a PeftModel's layers mostly share one setting: name the group, not its first member
+        names = ", ".join(dict.fromkeys(b[0].rsplit(".", 1)[-1] for b in same))
+        where = f"{len(same)} modules: {names}"
+        bad = [b for b in bad if (b[1], b[2]) != (r, alpha)]
+    else:
+        bad = bad[1:]
     rule = "lora_alpha / sqrt(r)" if config.use_rslora and policy.rslora == "scaling" else "lora_alpha / r"
     actual_ratio = alpha / math.sqrt(r) if rule.endswith("sqrt(r)") else alpha / r
     lines = [
@@ -222,8 +234,8 @@ def assert_alpha_ratio(
             f"  the update is scaled by {actual_ratio / policy.alpha_ratio:.2g}x the policy's: an effectively larger "
             "learning rate, risking instability"
         )
-    if len(bad) > 1:
-        lines.append(f"  {len(bad) - 1} more module(s)/pattern(s) off policy: {', '.join(b[0] for b in bad[1:6])}")
+    if bad:
+        lines.append(f"  {len(bad)} more module(s)/pattern(s) off policy: {', '.join(b[0] for b in bad[:5])}")
     lines.append(f"  fix: lora_alpha = {want:g} for r={r}" + (f" ({where})" if where != "(default)" else ""))
     _fail(lines)
 
