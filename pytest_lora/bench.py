@@ -165,11 +165,9 @@ def lora_benchmark(
         used.append(True)
         _check_args(rounds=rounds, warmup_rounds=warmup_rounds)
         model = manager.attach(config, seed=lora_settings.seed)
-        training.check_seq_len(seq_len, model)
         device = training.device_of(model)
-        vocab = model.get_base_model().config.vocab_size
         seed = lora_settings.seed
-        data = training.coerce_data(dataset, seq_len=seq_len, vocab_size=vocab, batch_size=batch_size, seed=seed)
+        data = training.model_data(model, dataset, seq_len=seq_len, seed=seed)
         training.check_run_args(steps=steps_per_round, lr=lr, batch_size=batch_size, n_train=len(data.train))
         shape = model_shape(model)
         label = config_label(model, shape)

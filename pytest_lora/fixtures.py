@@ -102,9 +102,7 @@ def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Cal
         __tracebackhide__ = True
         model = config_or_model if hasattr(config_or_model, "peft_config") else lora_model(config_or_model)
         seed = lora_settings.seed if seed is None else seed
-        training.check_seq_len(seq_len, model)
-        vocab = model.get_base_model().config.vocab_size
-        data = training.coerce_data(dataset, seq_len=seq_len, vocab_size=vocab, batch_size=batch_size, seed=seed)
+        data = training.model_data(model, dataset, seq_len=seq_len, seed=seed)
         return run_oom_checked(
             lambda: training.train(
                 model,

@@ -240,9 +240,8 @@ class SweepRun:
         """The sweep's share of the training split (at least one batch); validation stays whole for a fair metric."""
         from pytest_lora import training
 
-        vocab = self._session.base(self._settings).model.config.vocab_size
-        seed = self._settings.seed
-        data = training.coerce_data(dataset, seq_len=seq_len, vocab_size=vocab, batch_size=batch_size, seed=seed)
+        base = self._session.base(self._settings).model
+        data = training.model_data(base, dataset, seq_len=seq_len, seed=self._settings.seed)
         keep = min(len(data.train), max(batch_size, math.ceil(len(data.train) * self.rule.data_fraction)))
         name = f"{data.name}, first {keep} of {len(data.train)} training sequences"
         return training.TokenData(data.train[:keep], data.val, name)

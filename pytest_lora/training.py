@@ -67,7 +67,7 @@ def synthetic_data(
     return TokenData(tokens[:n_train], tokens[n_train:], f"synthetic(seed={seed}, vocab={vocab_size})")
 
 
-def coerce_data(dataset: Any, *, seq_len: int, vocab_size: int, batch_size: int, seed: int) -> TokenData:
+def coerce_data(dataset: Any, *, seq_len: int, vocab_size: int, seed: int) -> TokenData:
     """Accept the built-in data (None), a tensor of ids, a `(train, val)` pair or dicts with `input_ids`.
 
     A tensor or list without a split is split 90/10 (at least one validation sequence).
@@ -337,6 +337,13 @@ def check_run_args(*, steps: int, lr: float, batch_size: int, n_train: int) -> N
         problems.append(f"batch_size={batch_size}: larger than the {n_train} training sequence(s); pass more data")
     if problems:
         raise TrainingError("lora_train: " + "; ".join(problems))
+
+
+def model_data(model: Any, dataset: Any, *, seq_len: int, seed: int) -> TokenData:
+    """The data for a run on `model` (a base or a PeftModel): seq_len checked against its context, ids
+    against its vocabulary."""
+    check_seq_len(seq_len, model)
+    return coerce_data(dataset, seq_len=seq_len, vocab_size=model.config.vocab_size, seed=seed)
 
 
 def check_seq_len(seq_len: int, model: Any) -> None:
