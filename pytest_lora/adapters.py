@@ -103,14 +103,19 @@ def _check_values(config: Any) -> None:
         raise AdapterConfigError("invalid LoraConfig:\n  " + "\n  ".join(problems))
 
 
-def _module_matches(config: Any, entry: str | None, key: str) -> bool:
+def _matcher(config: Any, entry: str | None) -> Any:
+    """PEFT's own test of whether a module name is adapted, for the whole config or one target entry."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     probe = copy.copy(config)
     if entry is not None:
         probe.target_modules = {entry}
-    found = check_target_module_exists(probe, key)
-    return bool(found) and type(found).__name__ != "_ExcludedModule"
+
+    def matches(key: str) -> bool:
+        found = check_target_module_exists(probe, key)
+        return bool(found) and type(found).__name__ != "_ExcludedModule"
+
+    return matches
 
 
 def matched_modules(model: Any, config: Any) -> list[str]:
@@ -135,14 +140,16 @@ def matched_modules(model: Any, config: Any) -> list[str]:
         names = [k for group in linear.values() for k in group if model.get_submodule(k) is not output]
         probe = copy.copy(config)
         probe.target_modules = set(names)
-        matched = dict.fromkeys(k for k in names if _module_matches(probe, None, k))
+        matches = _matcher(probe, None)
+        matched = dict.fromkeys(k for k in names if matches(k))
         if not matched:
             raise AdapterConfigError(_selection_message("target_modules", "all-linear", config, linear))
     else:
         entries = [targets] if isinstance(targets, str) else sorted(targets)
         matched = {}
         for entry in entries:
-            hits = [k for k in keys if _module_matches(config, None if isinstance(targets, str) else entry, k)]
+            matches = _matcher(config, None if isinstance(targets, str) else entry)
+            hits = [k for k in keys if matches(k)]
             if not hits:
                 raise AdapterConfigError(_no_match_message("target_modules", entry, config, linear, keys))
             matched.update(dict.fromkeys(hits))
