@@ -240,32 +240,47 @@ def test_sweep_items_choose_the_same_rank_serially_and_under_xdist(lora_pytester
         assert [r["metric"] for r in parallel[name]["ranks"]] == pytest.approx([r["metric"] for r in report["ranks"]])
 
 
+READ_STORE = """
+import json, sys
+from mlflow.tracking import MlflowClient
+from pytest_lora.tracking import EXPERIMENT
+
+client = MlflowClient(tracking_uri=sys.argv[1])
+runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+print(json.dumps([
+    {"id": r.info.run_id, "tags": r.data.tags, "params": r.data.params, "metrics": r.data.metrics,
+     "artifacts": [a.path for a in client.list_artifacts(r.info.run_id)]}
+    for r in runs
+]))
+"""
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_sweep_is_logged_to_mlflow_one_run_per_rank_plus_the_decision(lora_pytester: pytest.Pytester) -> None:
-    pytest.importorskip("mlflow")
-    pytest.importorskip("sqlalchemy")
-    from mlflow.tracking import MlflowClient
+    import importlib.util
+    import subprocess
 
-    from pytest_lora.tracking import EXPERIMENT
-
+    if importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("sqlalchemy") is None:
+        pytest.skip("needs pytest-lora[mlflow]")
     lora_pytester.makepyprojecttoml("[tool.pytest_lora.policy.sweep]\nsteps = 3\n")
     lora_pytester.makepyfile(test_sweeps=SWEEPS)
     uri = f"sqlite:///{lora_pytester.path / 'mlflow.db'}"
-    result = lora_pytester.runpytest(
+    # MLflow runs in subprocesses only: importing its store here (SQLAlchemy, Alembic, Jinja2) and letting
+    # pytester's module snapshot drop part of it breaks later in-process runs of other tests.
+    result = lora_pytester.runpytest_subprocess(
         "-p", "pytest_lora.sweep_plugin", f"{SWEEP_DIR_OPTION}={lora_pytester.path / 'out'}", "--lora-mlflow", uri
     )
     result.assert_outcomes(passed=4, failed=2)
     result.stdout.fnmatch_lines([f"  MLflow: logged to {uri} (decision run *, one child run per rank)"])
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    decisions = {r.data.tags["pytest_lora.sweep"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    store = subprocess.run([sys.executable, "-c", READ_STORE, uri], capture_output=True, text=True, check=True)
+    runs = json.loads(store.stdout.strip().splitlines()[-1])
+    decisions = {r["tags"]["pytest_lora.sweep"]: r for r in runs if "mlflow.parentRunId" not in r["tags"]}
     accuracy = decisions["test_sweeps.py::test_accuracy_sweep"]
-    assert accuracy.data.params["chosen_rank"] == "8" and accuracy.data.params["metric"] == "accuracy"
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == accuracy.info.run_id]
-    assert sorted(int(r.data.params["rank"]) for r in children) == [4, 8]
-    assert {r.data.metrics["accuracy"] for r in children} == {0.80, 0.94}
-    artifacts = {a.path for a in client.list_artifacts(accuracy.info.run_id)}
-    assert "test_sweeps.test_accuracy_sweep.json" in artifacts
+    assert accuracy["params"]["chosen_rank"] == "8" and accuracy["params"]["metric"] == "accuracy"
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == accuracy["id"]]
+    assert sorted(int(r["params"]["rank"]) for r in children) == [4, 8]
+    assert {r["metrics"]["accuracy"] for r in children} == {0.80, 0.94}
+    assert "test_sweeps.test_accuracy_sweep.json" in accuracy["artifacts"]
 
 
 def test_mlflow_option_without_mlflow_is_a_usage_error(lora_pytester: pytest.Pytester, monkeypatch) -> None:
