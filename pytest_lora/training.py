@@ -236,7 +236,10 @@ def qlora_recipe(model: Any) -> Iterator[None]:
                 if half and not param.requires_grad and type(param).__name__ not in quantized:
                     param.data = param.data.float()
         inner.config.use_cache = False
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         inner.enable_input_require_grads()
         yield
     finally:
