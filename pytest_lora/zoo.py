@@ -243,9 +243,8 @@ def builtin_model_dir(cache_dir: str | os.PathLike[str] | None, name: str = DEFA
     a temporary directory and an atomic rename: parallel workers never see half a model.
     """
     name, entry = zoo_entry(name)
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = json.dumps([entry.config, entry.seed, importlib.metadata.version("transformers")], sort_keys=True)
-    target = root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    target = checkpoint_dir(cache_dir, name)
+    root = target.parent
     try:
         problem = checkpoint_problem(target)
     except OSError as exc:
@@ -258,13 +257,25 @@ def builtin_model_dir(cache_dir: str | os.PathLike[str] | None, name: str = DEFA
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=root))
-        write_checkpoint(entry, tmp)
-        _make_readable(tmp)
+        try:
+            write_checkpoint(entry, tmp)
+            _make_readable(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _install(tmp, target, name)
     except OSError as exc:
         what = "cannot be written" if problem == "absent" else f"is corrupt ({problem}) and cannot be rebuilt"
         raise ModelLoadError(_cache_error(target, what, exc)) from exc
     return target
+
+
+def checkpoint_dir(cache_dir: str | os.PathLike[str] | None, name: str) -> Path:
+    """Where a built-in checkpoint lives: its name and a hash of config, seed and transformers version."""
+    name, entry = zoo_entry(name)
+    root = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
+    key = json.dumps([entry.config, entry.seed, importlib.metadata.version("transformers")], sort_keys=True)
+    return root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def write_checkpoint(entry: ZooEntry, directory: Path) -> None:
@@ -303,22 +314,25 @@ def checkpoint_problem(directory: Path) -> str | None:
     JSON file parses, config.json is there, and each safetensors file is as long as its header
     says. A file that cannot be opened for lack of permission raises (that is not corruption).
     """
-    if not directory.exists():
-        return "absent"
-    if not (directory / "config.json").is_file():
+    try:
+        names = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):  # the latter also when a parent is a file
+        return "not a directory" if os.path.lexists(directory) else "absent"
+    if "config.json" not in names:
         return "config.json is missing"
-    weights = sorted(directory.glob("*.safetensors"))
+    weights = [name for name in names if name.endswith(".safetensors")]
     if not weights:
         return "no *.safetensors file"
-    for path in sorted(directory.glob("*.json")):
-        try:
-            json.loads(path.read_bytes())
-        except ValueError:
-            return f"{path.name} is not valid JSON"
-    for path in weights:
-        problem = _safetensors_problem(path)
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                json.loads((directory / name).read_bytes())
+            except ValueError:
+                return f"{name} is not valid JSON"
+    for name in weights:
+        problem = _safetensors_problem(directory / name)
         if problem:
-            return f"{path.name} {problem}"
+            return f"{name} {problem}"
     return None
 
 
@@ -330,16 +344,13 @@ def _safetensors_problem(path: Path) -> str | None:
         if len(head) < 8:
             return f"is truncated ({size} bytes)"
         (header_len,) = struct.unpack("<Q", head)
-        if header_len == 0 or 8 + header_len > size:
-            return f"is truncated ({size} bytes, header of {header_len} bytes)"
+        if 8 + header_len > size:
+            return f"is truncated ({size:,} bytes, shorter than its {header_len:,}-byte header)"
         try:
-            header = json.loads(handle.read(header_len))
-        except ValueError:
+            tensors = json.loads(handle.read(header_len))
+            data_end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return "has a corrupt header"
-    try:
-        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, AttributeError):
-        return "has a corrupt header"
     expected = 8 + header_len + data_end
     if size != expected:
         return f"is {size:,} bytes, its header says {expected:,} (truncated or overwritten)"
@@ -380,7 +391,10 @@ def _install(tmp: Path, target: Path, name: str) -> None:
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    _discard(trash)
+        if checkpoint_problem(target) is not None:  # not a lost race: the cache cannot take it
+            raise
+    finally:
+        _discard(trash)
 
 
 # Temporary directories are named .NAME-HOST-PID-RANDOM, so that their writer can be checked for life.
@@ -450,9 +464,12 @@ def _discard(path: Path) -> None:
 
 
 def _cache_error(target: Path, what: str, exc: OSError) -> str:
+    why = ""
+    if isinstance(exc, PermissionError):
+        why = "  a cache that another user (a CI image, a shared runner) wrote with private modes reads like this.\n"
     return (
-        f"built-in model cache {target} {what}: {type(exc).__name__}: {exc}\n"
-        "  it is generated data (a few MB), kept per user in $XDG_CACHE_HOME/pytest-lora or ~/.cache/pytest-lora.\n"
-        "  fix: pass --lora-cache-dir DIR (or lora_cache_dir = DIR in the ini file) with a directory you can "
-        "write, or make this one readable and writable for you"
+        f"built-in model cache {target} {what}: {type(exc).__name__}: {exc}\n{why}"
+        "  it is generated data (a few MB): any directory you can write serves.\n"
+        "  fix: pass --lora-cache-dir DIR (or lora_cache_dir = DIR in the ini file) with a directory you can write, "
+        f"or give yourself read and write access to {target.parent}"
     )
