@@ -65,7 +65,7 @@ def test_the_default_llama_is_bit_identical(zoo_cache) -> None:
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == TINY_LLAMA_WEIGHTS_SHA256
 
 
-@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("name", [name for name in CAUSAL if name != "tiny-llama"])  # the rest of the suite loads it
 def test_causal_entries_load_in_4bit_through_the_loader(zoo_cache, name: str) -> None:
     import torch
 
