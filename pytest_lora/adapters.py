@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_lora.base_state import BaseState, explain
+from pytest_lora.base_state import BaseState, Change, explain
 from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
 
 _LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
@@ -274,6 +274,13 @@ def strip_adapters(model: Any) -> int:
     return removed
 
 
+_UNSEEN_WRITE = Change(
+    "in-place",
+    "weights",
+    "their hash changed with no version-counter bump (a write through `param.data`), found by --lora-verify-base",
+)
+
+
 @dataclass
 class _Attachment:
     peft_model: Any
@@ -291,11 +298,15 @@ class AdapterManager:
     back, or the weights are reloaded through `reload`, and the test fails with the diagnosis.
     """
 
-    def __init__(self, base: Any, seed: int = 0, reload: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, base: Any, seed: int = 0, reload: Callable[[], Any] | None = None, verify_weights: bool = False
+    ) -> None:
         self.base = base
         self.seed = seed
         self._reload = reload
         self.clean = BaseState.take(base)
+        # Writes through `param.data` bypass torch's version counter: only hashing the weights sees them.
+        self._digest = weights_digest(base) if verify_weights else None
         self._active: _Attachment | None = None
         self._merged: list[str] = []  # adapted layers that were merged when their adapter was detached
 
@@ -399,10 +410,12 @@ class AdapterManager:
         changes = self.clean.changes(self.base)
         merged, self._merged = self._merged, []
         self.clean.restore_modes()
+        if self._digest is not None and not changes and weights_digest(self.base) != self._digest:
+            changes = [_UNSEEN_WRITE]
         if not (changes or leaked or merged):
             return
         written = self.clean.restore(self.base)
-        if written:
+        if written or _UNSEEN_WRITE in changes:
             self._reload_weights()
         raise BaseModelModifiedError(explain(changes, when=when, leaked=leaked, merged=merged, reloaded=bool(written)))
 
@@ -425,3 +438,5 @@ class AdapterManager:
             state.clear()
             state.update(vars(fresh[name]), _modules=children)
         self.clean = BaseState.take(self.base)
+        if self._digest is not None:
+            self._digest = weights_digest(self.base)

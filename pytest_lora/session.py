@@ -62,7 +62,10 @@ class LoraSession:
             self.loads[key] += 1
             self.bases[key] = loaded
             self.managers[key] = AdapterManager(
-                loaded.model, seed=settings.seed, reload=lambda: load_base_model(settings).model
+                loaded.model,
+                seed=settings.seed,
+                reload=lambda: load_base_model(settings).model,
+                verify_weights=self.settings.verify_base,
             )
             if self.settings.verify_base:
                 self.digests[key] = weights_digest(loaded.model)

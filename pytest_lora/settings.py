@@ -473,7 +473,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     _option(
         "verify_base",
-        "Check after every test that the shared base model's weights are unchanged",
+        "Also hash the base weights after every test (catches writes through `param.data`, which torch's "
+        "version counter misses), and at the session's end",
         is_flag=True,
     ),
     _option(

@@ -27,11 +27,16 @@ def lora_config(r: int = 8, alpha: float | None = None, **extra):
 
 @pytest.fixture
 def lora_pytester(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory) -> pytest.Pytester:
-    """A pytester with a pinned ini and the session's model cache, so inner runs do not rewrite the model."""
+    """A pytester with a pinned ini and the session's model cache, so inner runs do not rewrite the model.
+
+    Inner runs keep their file order (`-p no:randomly`; pytester drops PYTEST_ADDOPTS): a test that
+    wants random orders passes `-p randomly --randomly-seed=N`, which lifts the block.
+    """
     cache = tmp_path_factory.getbasetemp() / "lora-model-cache"
     pytester.makeini(
         f"""
         [pytest]
+        addopts = -p no:randomly
         lora_cache_dir = {cache}
         filterwarnings =
             ignore::DeprecationWarning

@@ -159,30 +159,9 @@ def test_probe(probe):
     result.assert_outcomes(passed=4)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen2 checkpoint: q/k/v projections with biases, as in the real Qwen2."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
-@pytest.mark.parametrize("spelling", ["space", "equals"])
+@pytest.mark.parametrize(("model", "spelling"), [("tiny-qwen2", "space"), ("tiny-opt", "equals")])
 def test_training_a_model_with_4bit_biases_leaves_the_base_clean(
-    leak_pytester: pytest.Pytester, tiny_qwen2: Path, spelling: str
+    leak_pytester: pytest.Pytester, model: str, spelling: str
 ) -> None:
     """bitsandbytes casts a Linear4bit bias to the compute dtype on the first forward: settled at load time."""
     leak_pytester.makepyfile(
@@ -199,6 +178,6 @@ def test_probe(probe):
     probe()
 """
     )
-    option = ["--lora-model", str(tiny_qwen2)] if spelling == "space" else [f"--lora-model={tiny_qwen2}"]
+    option = ["--lora-model", f"builtin:{model}"] if spelling == "space" else [f"--lora-model=builtin:{model}"]
     result = leak_pytester.runpytest("-p", "no:randomly", *option)
     result.assert_outcomes(passed=3)

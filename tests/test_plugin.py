@@ -351,14 +351,23 @@ def test_verify_base_fails_a_session_that_changed_the_weights(lora_pytester: pyt
             pass
 
         def test_scribbles_on_the_base(lora_base_model):
-            with torch.no_grad():
-                lora_base_model.model.norm.weight.add_(1.0)
+            lora_base_model.model.norm.weight.data.add_(1.0)  # `.data` writes bump no version counter
+
+        def test_after(lora_base_model):
+            assert float(lora_base_model.model.norm.weight.float().mean()) < 1.5
         """
     )
     result = lora_pytester.runpytest("--lora-verify-base")
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3, errors=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
-    result.stdout.fnmatch_lines(["*--lora-verify-base: base weights CHANGED during the session: builtin:tiny-llama*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_scribbles_on_the_base*",
+            "*weights: their hash changed with no version-counter bump (a write through `param.data`)*",
+            "*the base was reloaded from its checkpoint*",
+            "*--lora-verify-base: base weights identical at start and end*",
+        ]
+    )
 
 
 def test_verify_base_passes_a_clean_session(lora_pytester: pytest.Pytester) -> None:
