@@ -414,10 +414,10 @@ class AdapterManager:
             changes = [_UNSEEN_WRITE]
         if not (changes or leaked or merged):
             return
-        written = self.clean.restore(self.base)
-        if written or _UNSEEN_WRITE in changes:
+        reload = bool(self.clean.restore(self.base)) or _UNSEEN_WRITE in changes
+        if reload:
             self._reload_weights()
-        raise BaseModelModifiedError(explain(changes, when=when, leaked=leaked, merged=merged, reloaded=bool(written)))
+        raise BaseModelModifiedError(explain(changes, when=when, leaked=leaked, merged=merged, reloaded=reload))
 
     def _reload_weights(self) -> None:
         """Weights written in place cannot be undone from the snapshot: load them again, into the same modules.
