@@ -24,6 +24,7 @@ from pytest_lora.curves import (
     analyze_overfit,
     analyze_plateau,
 )
+from pytest_lora.data import ByteTokenizer, TextDataset
 from pytest_lora.errors import (
     AdapterConfigError,
     BaseModelModifiedError,
@@ -46,6 +47,7 @@ __all__ = [
     "BUILTIN_MODEL",
     "AdapterConfigError",
     "BaseModelModifiedError",
+    "ByteTokenizer",
     "CurveError",
     "LoraAssertionError",
     "LoraError",
@@ -61,6 +63,7 @@ __all__ = [
     "PolicyError",
     "SettingsError",
     "SweepRule",
+    "TextDataset",
     "TrainResult",
     "TrainingError",
     "active_policy",

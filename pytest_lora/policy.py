@@ -60,6 +60,8 @@ class SweepRule:
         data_fraction: share of the training data each run uses (0 < x <= 1), default 0.1.
         metric: the compared metric, default "val_loss".
         higher_is_better: False for losses, True for accuracy-like metrics.
+        dataset: what each rank trains on, default None (the built-in data): a `.jsonl` / `.json` /
+            `.txt` / `.parquet` file or a `save_to_disk` directory, relative to the policy file.
     """
 
     ranks: tuple[int, ...] = (4, 8, 16)
@@ -69,6 +71,7 @@ class SweepRule:
     data_fraction: float = 0.1
     metric: str = "val_loss"
     higher_is_better: bool = False
+    dataset: str | None = None
 
     def __post_init__(self) -> None:
         """Reject impossible values at construction; messages start with the field name."""

@@ -167,7 +167,7 @@ class SweepRun:
 
         rule = self._metric_rule(metric, higher_is_better)
         lora_config = self._config(config)
-        data = self._fraction(dataset, seq_len, batch_size)
+        data = self._fraction(self._policy_dataset() if dataset is None else dataset, seq_len, batch_size)
         self._warm_up(lora_config, data, batch_size)
         steps = steps or rule.steps
         result = self._train(
@@ -244,7 +244,15 @@ class SweepRun:
         data = training.model_data(base, dataset, seq_len=seq_len, seed=self._settings.seed)
         keep = min(len(data.train), max(batch_size, math.ceil(len(data.train) * self.rule.data_fraction)))
         name = f"{data.name}, first {keep} of {len(data.train)} training sequences"
-        return training.TokenData(data.train[:keep], data.val, name)
+        labels = None if data.train_labels is None else data.train_labels[:keep]
+        return training.TokenData(data.train[:keep], data.val, name, labels, data.val_labels)
+
+    def _policy_dataset(self) -> Any:
+        """The policy's `sweep.dataset`, a relative path counting from the policy file's directory."""
+        from pytest_lora.data import resolve_path
+
+        value = self.rule.dataset
+        return None if value is None else resolve_path(value, self._settings.policy)
 
     def _warm_up(self, config: Any, data: Any, batch_size: int) -> None:
         """A first training run in a process pays one-off costs (kernels, allocator); keep them out of the timing."""

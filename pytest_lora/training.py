@@ -29,17 +29,24 @@ DEFAULT_SEQ_LEN = 64
 
 @dataclass
 class TokenData:
-    """Train and validation token ids, `[n_sequences, seq_len]` int64 tensors."""
+    """Train and validation token ids, `[n_sequences, seq_len]` int64 tensors.
+
+    Labels, when given, are the same shape with -100 where no loss is taken (a prompt, padding);
+    None: every token is a target (labels = input ids).
+    """
 
     train: Any
     val: Any
     name: str
+    train_labels: Any = None
+    val_labels: Any = None
 
     @property
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for tensor in (self.train, self.val):
-            digest.update(tensor.contiguous().numpy().tobytes())
+        for tensor in (self.train, self.val, self.train_labels, self.val_labels):
+            if tensor is not None:
+                digest.update(tensor.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
 
@@ -77,8 +84,10 @@ def coerce_data(dataset: Any, *, seq_len: int, vocab_size: int, seed: int) -> To
 
     if dataset is None:
         return synthetic_data(vocab_size, seq_len, seed=seed)
+    labels = (None, None)
     if isinstance(dataset, TokenData):
         train, val, name = dataset.train, dataset.val, dataset.name
+        labels = (dataset.train_labels, dataset.val_labels)
     elif isinstance(dataset, tuple) and len(dataset) == 2:
         train, val = (_as_ids(part, seq_len) for part in dataset)
         name = "user (train, val)"
@@ -101,7 +110,8 @@ def coerce_data(dataset: Any, *, seq_len: int, vocab_size: int, seed: int) -> To
                 f"dataset: the {part_name} split has token ids in [{low}, {high}], but the model's vocabulary "
                 f"is [0, {vocab_size - 1}].\n  fix: tokenize with the model's own tokenizer"
             )
-    return TokenData(train[:, :seq_len], val[:, :seq_len], name)
+    cut = (None if part is None else part[:, :seq_len] for part in labels)
+    return TokenData(train[:, :seq_len], val[:, :seq_len], name, *cut)
 
 
 def _as_ids(data: Any, seq_len: int) -> Any:
@@ -246,7 +256,8 @@ def qlora_recipe(model: Any) -> Iterator[None]:
         state.restore(inner)
 
 
-def _mean_loss(model: Any, data: Any, batch_size: int, device: str) -> float:
+def _mean_loss(model: Any, data: Any, batch_size: int, device: str, labels: Any = None) -> float:
+    """The loss per target token over `data` (labels: -100 where no loss is taken; None: the ids)."""
     import torch
 
     was_training = model.training
@@ -256,8 +267,10 @@ def _mean_loss(model: Any, data: Any, batch_size: int, device: str) -> float:
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = data[start : start + batch_size].to(device)
-            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
-            count += len(batch)
+            target = batch if labels is None else labels[start : start + batch_size].to(device)
+            targets = int((target[:, 1:] != -100).sum())
+            total += float(model(input_ids=batch, labels=target).loss) * targets
+            count += targets
     model.train(was_training)
     return total / count
 
@@ -331,10 +344,11 @@ def _train(
         for step in range(1, steps + 1):
             rows = order[torch.arange((step - 1) * batch_size, step * batch_size) % len(order)]
             batch = data.train[rows].to(device)
+            labels = batch if data.train_labels is None else data.train_labels[rows].to(device)
             sync(device)
             started = time.perf_counter()
             try:
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = model(input_ids=batch, labels=labels).loss
                 loss.backward()
             except UserWarning as exc:
                 raise TrainingError(
@@ -357,7 +371,7 @@ def _train(
             train_seconds += time.perf_counter() - started
             losses.append(value)
             if step % eval_every == 0 or step == steps:
-                val_losses.append(_mean_loss(model, data.val, batch_size, device))
+                val_losses.append(_mean_loss(model, data.val, batch_size, device, data.val_labels))
                 val_steps.append(step)
         model.eval()
     changed = [n for n, p in trainable.items() if not torch.equal(p.detach(), before[n])]
@@ -404,8 +418,12 @@ def check_run_args(*, steps: int, lr: float, batch_size: int, n_train: int) -> N
 
 def model_data(model: Any, dataset: Any, *, seq_len: int, seed: int) -> TokenData:
     """The data for a run on `model` (a base or a PeftModel): seq_len checked against its context, ids
-    against its vocabulary."""
+    against its vocabulary; text (a file, a Hugging Face dataset) tokenized with the model's tokenizer."""
+    from pytest_lora import data as text_data
+
     check_seq_len(seq_len, model)
+    if text_data.is_text_source(dataset):
+        dataset = text_data.load(dataset, model=model, seq_len=seq_len, seed=seed)
     return coerce_data(dataset, seq_len=seq_len, vocab_size=model.config.vocab_size, seed=seed)
 
 
