@@ -38,6 +38,14 @@ def spaced_values(args: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _exists(path: Path) -> bool:
+    """As pytest's own rootdir search sees it: a name too long or otherwise unusable is no path."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _setup(config: pytest.Config, args: list[str]) -> tuple[Path, Path | None]:
     """pytest's own rootdir and config file search for these path arguments (its signature varies by version)."""
     from _pytest.config.findpaths import determine_setup
@@ -61,9 +69,9 @@ def check_rootdir(config: pytest.Config) -> None:
     The values are those of the command line and of PYTEST_ADDOPTS (both are read before the
     options are known); the rootdir search is run again without them and the results compared.
     """
-    tokens = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *config.invocation_params.args]
+    tokens = [*shlex.split(os.environ.get("PYTEST_ADDOPTS", "")), *map(str, config.invocation_params.args)]
     here = config.invocation_params.dir
-    spaced = [(flag, value) for flag, value in spaced_values(tokens) if (here / value).exists()]
+    spaced = [(flag, value) for flag, value in spaced_values(tokens) if _exists(here / value)]
     if not spaced:
         return
     positional = [str(here / arg) for arg in config.option.file_or_dir or ()]

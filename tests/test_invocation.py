@@ -83,3 +83,11 @@ def test_spaced_values_reads_flags_with_a_separate_value() -> None:
     assert spaced_values(args) == [("--lora-model", "/m"), ("--lora-verify-base", "tests")]
     assert spaced_values(["--", "--lora-model", "/m"]) == []
     assert spaced_values(["--lora-model", "--lora-seed=1"]) == []
+
+
+def test_values_that_name_no_path_are_left_to_the_options(lora_pytester: pytest.Pytester) -> None:
+    """A glob list longer than a file name may be, or a device name: no path, so no rootdir question."""
+    lora_pytester.makepyfile("def test_it(lora_settings):\n    assert len(lora_settings.configs) == 60\n")
+    configs = ",".join(f"adapters/run_{index:02d}/*.json" for index in range(60)).replace("/", "_")
+    result = lora_pytester.runpytest("--lora-configs", configs, "--lora-device", "cpu", "-k", "test_it")
+    result.assert_outcomes(passed=1)
