@@ -5,7 +5,8 @@ fields), marked `lora`, its node id the file's path. The item checks the file ag
 on the policy's base model, built on the meta device (`config_check`): a config is judged before
 a GPU is booked for it. The items join the session's own collection, so `-k`, `-m`, xdist and the
 "collected N items" line treat them like any test. The `configs` globs apply to runs without path
-arguments (as testpaths do); `--lora-check` paths always.
+arguments (as testpaths do) and stay inside the project (`pytest_lora.globs` walks them, bounded and
+without following directory symlinks in `**`); `--lora-check` paths always apply, wherever they are.
 """
 
 from __future__ import annotations
