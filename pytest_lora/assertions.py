@@ -8,7 +8,9 @@ states the numbers. Nothing here imports pytest or torch at import time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from pytest_lora.counting import ParamCount, count_parameters, describe_targets,
 from pytest_lora.curves import analyze_overfit, analyze_plateau
 from pytest_lora.errors import LoraAssertionError
 from pytest_lora.policy import Policy
+from pytest_lora.thresholds import beside, limit_text
 
 _active_policy: Policy = Policy()
 
@@ -86,11 +89,13 @@ def assert_param_budget(model: Any, min_pct: float | None = None, max_pct: float
     frozen = count.total - lora
     ranks = sorted({s.r for s in shapes})
     if count.percent < low:
-        head = f"LoRA parameter budget not met: {count.percent:.4g}% < {low:g}% (min)"
+        shown = beside(count.percent, low, operator.ge, ok=False, precision=4)
+        head = f"LoRA parameter budget not met: {shown}% < {limit_text(low)}% (min)"
         needed = _rank_for(low / 100, per_rank, other_trainable, frozen, ceil=True)
         fix = _rank_fix(needed, ranks, policy, ">=", "or add target modules")
     else:
-        head = f"LoRA parameter budget exceeded: {count.percent:.4g}% > {high:g}% (max)"
+        shown = beside(count.percent, high, operator.le, ok=False, precision=4)
+        head = f"LoRA parameter budget exceeded: {shown}% > {limit_text(high)}% (max)"
         needed = _rank_for(high / 100, per_rank, other_trainable, frozen, ceil=False)
         fix = _rank_fix(needed, ranks, policy, "<=", "or adapt fewer modules (e.g. only q_proj, v_proj)")
     rank_text = f"r={ranks[0]}" if len(ranks) == 1 else f"r in {ranks}"
@@ -216,8 +221,11 @@ def assert_alpha_ratio(
         bad = bad[1:]
     rule = "lora_alpha / sqrt(r)" if config.use_rslora and policy.rslora == "scaling" else "lora_alpha / r"
     actual_ratio = alpha / math.sqrt(r) if rule.endswith("sqrt(r)") else alpha / r
+    close = functools.partial(math.isclose, rel_tol=max(policy.alpha_tolerance, 1e-9))  # the check above
+    shown = beside(actual_ratio, policy.alpha_ratio, close, ok=False, precision=4)
+    factor = beside(actual_ratio / policy.alpha_ratio, 1.0, close, ok=False, precision=2)
     lines = [
-        f"LoRA alpha ratio off policy: {rule} = {alpha:g} / {_r_text(r, rule)} = {actual_ratio:.4g}, "
+        f"LoRA alpha ratio off policy: {rule} = {alpha:g} / {_r_text(r, rule)} = {shown}, "
         f"policy wants {policy.alpha_ratio:g}" + (f" (at {where})" if where != "(default)" else ""),
         f"  effective scaling of the adapter output: {scaling:.4g} "
         f"({'rsLoRA: alpha / sqrt(r)' if config.use_rslora else 'alpha / r'})",
@@ -226,12 +234,12 @@ def assert_alpha_ratio(
         old_r = alpha / policy.alpha_ratio
         lines.append(
             f"  this is the alpha gotcha: lora_alpha={alpha:g} is the value for r={old_r:g}; at r={r} the update is "
-            f"scaled by {actual_ratio / policy.alpha_ratio:.2g}x the policy's, so training looks muted and the task "
+            f"scaled by {factor}x the policy's, so training looks muted and the task "
             "looks harder than it is"
         )
     else:
         lines.append(
-            f"  the update is scaled by {actual_ratio / policy.alpha_ratio:.2g}x the policy's: an effectively larger "
+            f"  the update is scaled by {factor}x the policy's: an effectively larger "
             "learning rate, risking instability"
         )
     if bad:
@@ -346,9 +354,8 @@ def assert_no_plateau(losses_or_result: Any, **overrides: Any) -> None:
     verdict = analyze_plateau(losses, rule)
     if verdict.ok:
         return
-    unit = "%" if rule.mode == "rel" else ""
-    shown = verdict.improvement * 100 if rule.mode == "rel" else verdict.improvement
-    need = rule.min_delta * 100 if rule.mode == "rel" else rule.min_delta
+    unit, factor = ("%", 100) if rule.mode == "rel" else ("", 1)
+    need = limit_text(rule.min_delta, scale=factor)
     if verdict.kind == "non_finite":
         lines = [
             f"LoRA training loss is {verdict.bad_value} at step {verdict.bad_index + 1} (of {len(losses)})",
@@ -365,11 +372,8 @@ def assert_no_plateau(losses_or_result: Any, **overrides: Any) -> None:
     lines = [
         f"{head}: smoothed loss {verdict.start:.4f} -> {verdict.end:.4f} over {verdict.n_points} points "
         f"(window {rule.window}, {verdict.n_ignored} warm-up points ignored)",
-        f"  improvement {shown:.3g}{unit} < {need:g}{unit} required (min_delta, {rule.mode} mode)",
+        _progress_line(verdict, unit, factor, need),
     ]
-    if verdict.kind == "oscillating":
-        swing = verdict.swing * 100 if rule.mode == "rel" else verdict.swing
-        lines.append(f"  typical step-to-step swing {swing:.3g}{unit}: noise dominates progress (lr too high?)")
     lines += _scaling_hint(losses_or_result)
     lines += [
         "  what it means: the adapter is not capturing the task: rank too low, or alpha too small for r "
@@ -378,6 +382,26 @@ def assert_no_plateau(losses_or_result: Any, **overrides: Any) -> None:
         "with it (alpha = 2r), retrain from scratch; do not resume a checkpoint with a new rank",
     ]
     _fail(lines)
+
+
+def _progress_line(verdict: Any, unit: str, factor: float, need: str) -> str:
+    """The comparison behind the verdict's kind, each number with the digits it takes to agree with it."""
+    rule = verdict.rule
+    improvement = beside(verdict.improvement, rule.min_delta, operator.ge, scale=factor) + unit
+    mode = f"{rule.mode} mode"
+    if verdict.kind == "oscillating":
+        swing = beside(verdict.swing, rule.min_delta, operator.gt, scale=factor) + unit
+        return (
+            f"  improvement {improvement} against a typical step-to-step swing of {swing} (over min_delta {need}{unit} "
+            f"and {rule.oscillation:g}x the improvement, {mode}): noise dominates progress (lr too high?)"
+        )
+    if verdict.kind == "stalled":
+        gain = beside(verdict.stall_gain, rule.min_delta, operator.ge, scale=factor) + unit
+        return (
+            f"  improvement {improvement} overall, but the last {rule.patience} points beat the best before them by "
+            f"only {gain} < {need}{unit} required (min_delta, patience {rule.patience}, {mode})"
+        )
+    return f"  improvement {improvement} < {need}{unit} required (min_delta, {mode})"
 
 
 def assert_no_overfit(result: Any, val_losses: Sequence[float] | None = None, **overrides: Any) -> None:
@@ -396,10 +420,11 @@ def assert_no_overfit(result: Any, val_losses: Sequence[float] | None = None, **
         _fail([f"{verdict.bad_curve} loss is {verdict.bad_value} at point {verdict.bad_index}: the run diverged"])
     unit, factor = ("%", 100) if rule.mode == "rel" else ("", 1)
     lines = [
-        f"LoRA adapter overfits: validation loss rose {verdict.rise * factor:.3g}{unit} above its best "
+        f"LoRA adapter overfits: validation loss rose {beside(verdict.rise, rule.tolerance, operator.gt, scale=factor)}"
+        f"{unit} above its best "
         f"({verdict.val_best:.4f} -> {verdict.val_end:.4f}) while train loss fell "
         f"({verdict.train_start:.4f} -> {verdict.train_end:.4f})",
-        f"  tolerance {rule.tolerance * factor:g}{unit} ({rule.mode} mode)",
+        f"  tolerance {limit_text(rule.tolerance, scale=factor)}{unit} ({rule.mode} mode)",
     ]
     lines += _scaling_hint(result)
     lines += [

@@ -5,13 +5,14 @@ fields), marked `lora`, its node id the file's path. The item checks the file ag
 on the policy's base model, built on the meta device (`config_check`): a config is judged before
 a GPU is booked for it. The items join the session's own collection, so `-k`, `-m`, xdist and the
 "collected N items" line treat them like any test. The `configs` globs apply to runs without path
-arguments (as testpaths do); `--lora-check` paths always.
+arguments (as testpaths do) and stay inside the project (`pytest_lora.globs` walks them, bounded and
+without following directory symlinks in `**`); `--lora-check` paths always apply, wherever they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 
 from pytest_lora.assertions import LoraPolicyWarning
 from pytest_lora.errors import AdapterConfigError
+from pytest_lora.globs import find, literal_prefix
 from pytest_lora.models import resolve_source
 from pytest_lora.policy import Policy
 from pytest_lora.settings import PYPROJECT_TABLE, Settings
@@ -64,22 +66,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 class LoraConfigItem(pytest.Item):
-    """One adapter file checked against the policy; `target` is None for a glob that matched nothing."""
+    """One adapter file checked against the policy; for a glob that found nothing usable, `problem` says why."""
 
-    def __init__(self, *, target: Path | None, origin: str, **kwargs: Any) -> None:
+    def __init__(self, *, target: Path | None, origin: str, problem: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.target = target
         self.origin = origin
+        self.problem = problem
         self.add_marker(MARKER)
 
     def runtest(self) -> None:
         from pytest_lora.config_check import check_adapter
 
-        if self.target is None:
-            raise AdapterConfigError(
-                f"{self.origin}: {self.name!r} matches no file.\n"
-                "  fix: correct the pattern (relative to the pyproject.toml directory), or remove it"
-            )
+        if self.problem is not None or self.target is None:
+            raise AdapterConfigError(self.problem)
         session = self.config.stash[STATE].session
         base, label = check_base(session.policy, session.settings)
         resume, source = self.config.getoption("lora_resume_rank"), RESUME_OPTION
@@ -123,33 +123,76 @@ def check_base(policy: Policy, settings: Settings) -> tuple[Any, str]:
     return source.location, source.label
 
 
-def _targets(config: pytest.Config) -> dict[str, tuple[Path | None, str]]:
-    """Node name -> (file, where it was named), in order: `configs` globs first, then `--lora-check` paths."""
+Target = tuple[Path | None, str, str | None]  # (file, where it was named, why a glob found nothing usable)
+
+
+def _targets(config: pytest.Config) -> dict[str, Target]:
+    """Node name -> target, in order: `configs` globs first, then `--lora-check` paths."""
     state = config.stash[STATE]
-    found: dict[str, tuple[Path | None, str]] = {}
+    found: dict[str, Target] = {}
     seen: set[Path] = set()
 
-    def add(path: Path | None, name: str, origin: str) -> None:
+    def add(path: Path | None, name: str, origin: str, problem: str | None = None) -> None:
         if path is not None:
             path = path.resolve()
             if path in seen:
                 return
             seen.add(path)
             name = _display(path, config.rootpath)
-        found.setdefault(name, (path, origin))
+        found.setdefault(name, (path, origin, problem))
 
     if config.args_source is not pytest.Config.ArgsSource.ARGS:
         root = Path(state.pyproject).parent if state.pyproject else config.rootpath
         origin = f"{state.pyproject or 'pyproject.toml'} [{PYPROJECT_TABLE}] configs"
         for pattern in state.session.settings.configs:
-            matches = sorted(glob.glob(str(root / pattern), recursive=True))
+            matches, problem = _glob(root, pattern, origin)
             for match in matches:
-                add(Path(match), match, origin)
-            if not matches:
-                add(None, pattern, origin)
+                add(match, str(match), origin)
+            if problem:
+                add(None, pattern, origin, problem)
     for text in config.getoption("lora_check"):
         add(config.invocation_params.dir / text, text, CHECK_OPTION)
     return found
+
+
+def _glob(root: Path, pattern: str, origin: str) -> tuple[list[Path], str | None]:
+    """The files a `configs` pattern names inside `root`, and what is wrong with it (None when nothing).
+
+    The pattern counts from `root` (the pyproject.toml directory, the rootdir) and may not leave it,
+    not even through a symlink: a glob in a shared pyproject.toml must not collect files from
+    elsewhere on the machine. A file outside is checked when named explicitly with --lora-check.
+    """
+    where = f"{origin}: {pattern!r}"
+    explicit = f"or name a file outside the project explicitly with {CHECK_OPTION} PATH"
+    base = root.resolve()
+    prefix = Path(os.path.normpath(root.joinpath(*literal_prefix(pattern))))
+    if not _inside(prefix.resolve(), base):
+        return [], (
+            f"{where} reaches outside the project directory {root} (it starts at {prefix}).\n"
+            f"  configs patterns count from {root} and must stay inside it.\n  fix: correct the pattern, {explicit}"
+        )
+    result = find(root, pattern)
+    inside = [path for path in result.matches if _inside(path.resolve(), base)]
+    outside = [path for path in result.matches if path not in inside]
+    problems = []
+    if outside:
+        problems.append(
+            f"{where} matches {len(outside)} path(s) outside the project directory {root}, e.g. {outside[0]} -> "
+            f"{outside[0].resolve()} (through a symlink or '..'); they are not checked.\n"
+            f"  fix: correct the pattern, {explicit}"
+        )
+    if result.stopped_at is not None:
+        problems.append(
+            f"{where}: the search stopped after reading {result.stopped_at:,} directory entries, so its matches are "
+            "incomplete.\n  fix: narrow the pattern, e.g. adapters/**/adapter_config.json instead of **/*.json"
+        )
+    if not result.matches and result.stopped_at is None:
+        problems.append(f"{where} matches no file.\n  fix: correct the pattern (relative to {root}), or remove it")
+    return inside, "\n".join(problems) or None
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
 
 
 def _display(path: Path, root: Path) -> str:
@@ -164,7 +207,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Any:
     """Add one item per adapter file to the session's own collection (so they are counted and selectable)."""
     report = yield
     if isinstance(collector, pytest.Session) and report.passed and STATE in collector.config.stash:
-        for name, (path, origin) in _targets(collector.config).items():
+        for name, (path, origin, problem) in _targets(collector.config).items():
             report.result.append(
                 LoraConfigItem.from_parent(
                     collector,
@@ -173,6 +216,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Any:
                     path=path or collector.config.rootpath,
                     target=path,
                     origin=origin,
+                    problem=problem,
                 )
             )
     return report

@@ -101,8 +101,7 @@ def meta_model(base: Any, *, trust_remote_code: bool = False) -> Any:
     import transformers
 
     config = base_config(base, trust_remote_code=trust_remote_code)
-    architectures = getattr(config, "architectures", None) or []
-    named = getattr(transformers, architectures[0], None) if architectures else None
+    named = _named_class(base, config)
     kwargs = {"trust_remote_code": trust_remote_code}
     with torch.device("meta"):
         if named is not None:
@@ -115,6 +114,33 @@ def meta_model(base: Any, *, trust_remote_code: bool = False) -> Any:
     raise ModelLoadError(
         f"base model of type {config.model_type!r}: transformers {transformers.__version__} has no model class "
         "for it.\n  fix: set `architectures` in config.json, or pass the model itself"
+    )
+
+
+def _named_class(base: Any, config: Any) -> Any:
+    """The model class `architectures[0]` names in transformers; None when it names none there (remote code, a
+    newer release: the auto classes decide). Only a model class is ever called, never another attribute of the
+    package, so `"architectures": ["pipeline"]` cannot make a config check run a pipeline."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return None
+    name = architectures[0]
+    found = getattr(transformers, name, None) if isinstance(name, str) else None
+    if found is None and isinstance(name, str):
+        return None
+    if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel):
+        return found
+    where = f"base model {os.fspath(base)}: config.json" if isinstance(base, (str, os.PathLike)) else "base config:"
+    if found is None:
+        what = f"is {type(name).__name__}, not a class name"
+    else:
+        kind = "a class, but not a PreTrainedModel" if isinstance(found, type) else f"a {type(found).__name__}"
+        what = f"names transformers.{name}, {kind}"
+    raise ModelLoadError(
+        f"{where} architectures[0] = {name!r} {what}: it cannot build the model.\n"
+        '  fix: set architectures to the model\'s class, e.g. ["LlamaForCausalLM"], or remove the key'
     )
 
 

@@ -15,6 +15,7 @@ import pytest
 from pytest_lora import fixtures
 from pytest_lora.assertions import set_active_policy
 from pytest_lora.errors import LoraAssertionError, LoraError, SettingsError
+from pytest_lora.invocation import check_rootdir
 from pytest_lora.models import silence_bitsandbytes_kernel_notice
 from pytest_lora.policy import Policy, load_policy, policy_from_pyproject
 from pytest_lora.report import RunRecord, records_from_properties, write_json, write_rank_table
@@ -73,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}(**overrides): a LoRA policy test (selected by `-m lora`); keyword arguments override "
         "pytest-lora settings for the test, class or module, e.g. model='./models/x', seed=1",
     )
+    check_rootdir(config)  # first: a moved rootdir would silently drop the policy checked below
     try:
         state = _resolve(config)
     except SettingsError as exc:  # PolicyError included

@@ -30,6 +30,7 @@ from pytest_lora.settings import (
 
 POLICY_TABLE = f"{PYPROJECT_TABLE}.policy"
 RSLORA_MODES = ("scaling", "alpha", "forbid")
+MAX_MEMORY_BUDGET_GB = 2**20  # 1 PiB: far above any accelerator or node, far below what bytes as a float can hold
 _RSLORA_TEXT = {
     "scaling": "rsLoRA allowed; then lora_alpha / sqrt(r) must equal the ratio (same adapter scaling)",
     "alpha": "rsLoRA allowed; lora_alpha / r must equal the ratio even then",
@@ -101,7 +102,8 @@ class Policy:
         required_targets, forbidden_targets: module names every adapter must / must not target; they
             may not overlap. Default () for both.
         min_dropout, max_dropout: bounds on lora_dropout (0 <= min <= max < 1), default 0.0 and 0.5.
-        memory_budget_gb: peak accelerator memory a training step may use (> 0), default None (no budget).
+        memory_budget_gb: peak accelerator memory a training step may use, in GiB (0 < x <= 2**20, i.e.
+            1 PiB), default None (no budget).
         base_model: hub id or directory the static config checks count against, default None (the
             session's model).
         resume_rank: rank of the adapter checkpoint training resumes from (>= 1), default None.
@@ -143,7 +145,7 @@ class Policy:
                 "alpha_tolerance": (0, None, False, False),
                 "min_dropout": dropout,
                 "max_dropout": dropout,
-                "memory_budget_gb": (0, None, True, False),
+                "memory_budget_gb": (0, MAX_MEMORY_BUDGET_GB, True, False),
                 "resume_rank": (1, None, False, False),
             },
         )

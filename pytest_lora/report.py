@@ -76,6 +76,15 @@ def _group_key(record: RunRecord) -> tuple[str, str, int, int]:
     return record.model, record.device, record.batch_size, record.seq_len
 
 
+def in_config_order(records: Iterable[RunRecord]) -> list[RunRecord]:
+    """The records by setting, then config (r, alpha, targets): the report must not depend on the order the
+    tests ran in (pytest-randomly, xdist scheduling), only on what was measured."""
+    return sorted(
+        records,
+        key=lambda record: (*_group_key(record), record.r, record.alpha, record.targets, record.label, record.nodeid),
+    )
+
+
 def rank_table(records: Sequence[RunRecord]) -> list[str]:
     """The rank table: per comparable setting (model, device, batch, seq), one row per config by rank.
 
@@ -83,7 +92,7 @@ def rank_table(records: Sequence[RunRecord]) -> list[str]:
     rule picks the rank with 95% of the best metric at under 70% of the longest training time.
     """
     groups: dict[tuple[str, str, int, int], list[RunRecord]] = {}
-    for record in records:
+    for record in in_config_order(records):
         groups.setdefault(_group_key(record), []).append(record)
     header = (
         f"  {'config':<34}{'trainable':>12}{'%':>9}{'tokens/s':>12}{'time':>8}{'peak mem':>12}{'est. mem':>12}"
@@ -91,7 +100,6 @@ def rank_table(records: Sequence[RunRecord]) -> list[str]:
     )
     lines = []
     for (model, device, batch, seq), rows in groups.items():
-        rows = sorted(rows, key=lambda record: (record.r, record.label))
         fastest = min(record.step_time_s for record in rows)
         scopes = sorted({record.peak_memory_scope for record in rows})
         disabled = any(record.benchmark_disabled for record in rows)
@@ -121,7 +129,7 @@ def report_document(records: Sequence[RunRecord], sections: Mapping[str, Any] | 
     return {
         "version": REPORT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(),
-        "runs": [record.to_dict() for record in records],
+        "runs": [record.to_dict() for record in in_config_order(records)],
         **(sections or {}),
     }
 

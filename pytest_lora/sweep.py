@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_lora.policy import SweepRule
+from pytest_lora.thresholds import beside, limit_text
 
 REPORT_SCHEMA = "pytest-lora/rank-sweep/1"
 _PACKAGES = ("pytest-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
@@ -56,6 +58,25 @@ class RankRow:
     time_share: float
     meets_metric: bool
     meets_time: bool
+
+    def quality_text(self, rule: SweepRule) -> str:
+        """The share of the best metric in percent, with the digits it takes to agree with `meets_metric`."""
+        shown = beside(
+            self.quality, rule.metric_fraction, operator.ge, ok=self.meets_metric, precision=1, kind="f", scale=100
+        )
+        return f"{shown}%"
+
+    def time_text(self, rule: SweepRule) -> str:
+        """The share of the longest time in percent, with the digits it takes to agree with `meets_time`."""
+        shown = beside(
+            self.time_share, rule.time_fraction, operator.le, ok=self.meets_time, precision=0, kind="f", scale=100
+        )
+        return f"{shown}%"
+
+
+def percent(fraction: float) -> str:
+    """A threshold of the rule in percent, as `RankRow`'s texts compare with it: 0.7 -> "70%", 0.955 -> "95.5%"."""
+    return f"{limit_text(fraction, scale=100)}%"
 
 
 @dataclass(frozen=True)
@@ -135,18 +156,18 @@ def choose_rank(points: Sequence[SweepPoint], rule: SweepRule, *, ceiling: float
         )
     good = [row for row in rows if row.meets_metric and row.meets_time]
     metric_name = rule.metric
-    threshold = f">= {rule.metric_fraction:.0%} of the best {metric_name}"
+    threshold = f">= {percent(rule.metric_fraction)} of the best {metric_name}"
     if good:
         row = good[0]
         reason = (
-            f"smallest rank with {threshold} ({row.quality:.1%}) in <= {rule.time_fraction:.0%} of the longest "
-            f"time ({row.time_share:.0%})"
+            f"smallest rank with {threshold} ({row.quality_text(rule)}) in <= {percent(rule.time_fraction)} of the "
+            f"longest time ({row.time_text(rule)})"
         )
         return SweepDecision(tuple(rows), row.point.rank, True, best.rank, reason, rule, ceiling)
     row = next(row for row in rows if row.meets_metric)
     reason = (
-        f"no rank reached {threshold} in <= {rule.time_fraction:.0%} of the longest time (r={row.point.rank} took "
-        f"{row.time_share:.0%}); chose the smallest rank reaching {threshold} ({row.quality:.1%})"
+        f"no rank reached {threshold} in <= {percent(rule.time_fraction)} of the longest time (r={row.point.rank} "
+        f"took {row.time_text(rule)}); chose the smallest rank reaching {threshold} ({row.quality_text(rule)})"
     )
     return SweepDecision(tuple(rows), row.point.rank, False, best.rank, reason, rule, ceiling)
 
@@ -224,13 +245,13 @@ def markdown(decision: SweepDecision, title: str) -> str:
         f"## Rank sweep: {title}",
         "",
         f"| rank | {rule.metric} | share of best | train time (s) | share of longest | "
-        f">= {rule.metric_fraction:.0%} of best | <= {rule.time_fraction:.0%} of time | chosen |",
+        f">= {percent(rule.metric_fraction)} of best | <= {percent(rule.time_fraction)} of time | chosen |",
         "| ---: | ---: | ---: | ---: | ---: | :---: | :---: | :---: |",
     ]
     for row in decision.rows:
         lines.append(
-            f"| {row.point.rank} | {row.point.metric:.4g} | {row.quality:.1%} | {row.point.seconds:.3g} | "
-            f"{row.time_share:.0%} | {_mark(row.meets_metric)} | {_mark(row.meets_time)} | "
+            f"| {row.point.rank} | {row.point.metric:.4g} | {row.quality_text(rule)} | {row.point.seconds:.3g} | "
+            f"{row.time_text(rule)} | {_mark(row.meets_metric)} | {_mark(row.meets_time)} | "
             f"{'**r=' + str(row.point.rank) + '**' if row.point.rank == decision.chosen else ''} |"
         )
     lines += ["", decision.summary(), "", f"Quality: {definition(rule, decision.ceiling)}.", ""]
@@ -262,14 +283,14 @@ def plot(decision: SweepDecision, path: str | Path, title: str) -> bool:
                 [row.point.metric for row in decision.rows],
                 rule.metric,
                 metric_threshold(best, rule, decision.ceiling),
-                f"{rule.metric_fraction:.0%} of best",
+                f"{percent(rule.metric_fraction)} of best",
             ),
             (
                 right,
                 [row.point.seconds for row in decision.rows],
                 "training time (s)",
                 rule.time_fraction * longest,
-                f"{rule.time_fraction:.0%} of longest",
+                f"{percent(rule.time_fraction)} of longest",
             ),
         ):
             axis.plot(ranks, values, marker="o")

@@ -363,8 +363,9 @@ class SweepRecorder:
                 continue
             for row in decision.rows:
                 terminalreporter.write_line(
-                    f"  r={row.point.rank:<4} {decision.rule.metric} {row.point.metric:.4g} ({row.quality:.1%} of best)"
-                    f"  time {row.point.seconds:.3g}s ({row.time_share:.0%} of longest)"
+                    f"  r={row.point.rank:<4} {decision.rule.metric} {row.point.metric:.4g} "
+                    f"({row.quality_text(decision.rule)} of best)"
+                    f"  time {row.point.seconds:.3g}s ({row.time_text(decision.rule)} of longest)"
                 )
             met = decision.rule_met
             terminalreporter.write_line(f"  {decision.summary()}", green=met, yellow=not met)

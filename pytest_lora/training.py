@@ -25,6 +25,7 @@ DEFAULT_STEPS = 40
 DEFAULT_LR = 1e-2
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_SEQ_LEN = 64
+MAX_SEED = 2**63 - 1  # the largest --lora-seed (a TOML integer); torch's generators take 64 bits
 
 
 @dataclass
@@ -319,7 +320,15 @@ def _train(
 ) -> TrainResult:
     import torch
 
-    check_run_args(steps=steps, lr=lr, batch_size=batch_size, n_train=len(data.train))
+    check_run_args(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        n_train=len(data.train),
+        seed=seed,
+        weight_decay=weight_decay,
+        eval_every=eval_every,
+    )
     device = device_of(model)
     guard_cpu_repack(model)
     trainable = _lora_params(model)
@@ -402,18 +411,46 @@ def _train(
     )
 
 
-def check_run_args(*, steps: int, lr: float, batch_size: int, n_train: int) -> None:
+def check_run_args(
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    n_train: int,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    eval_every: int | None = None,
+) -> None:
+    """Refuse run arguments that would crash deep in torch or train silently wrong; one message lists them all."""
     problems = []
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         problems.append(f"steps={steps!r}: must be an int >= 1")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+    if not _is_number(lr) or not (0 < lr < math.inf):
         problems.append(f"lr={lr!r}: must be a finite number > 0 (e.g. 1e-3)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"batch_size={batch_size!r}: must be an int >= 1")
     elif batch_size > n_train:
         problems.append(f"batch_size={batch_size}: larger than the {n_train} training sequence(s); pass more data")
+    if not _is_number(weight_decay) or not (0 <= weight_decay < math.inf):
+        problems.append(f"weight_decay={weight_decay!r}: must be a finite number >= 0 (e.g. 0.01)")
+    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+        problems.append(f"eval_every={eval_every!r}: must be an int >= 1, or None (8 evaluations per run)")
+    problem = _seed_problem(seed)
+    if problem:
+        problems.append(problem)
     if problems:
         raise TrainingError("lora_train: " + "; ".join(problems))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _seed_problem(seed: object) -> str | None:
+    """A seed torch cannot take (its generators hold 64 bits) or --lora-seed would refuse, in words; None if fine."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        return f"seed={seed!r}: must be an int in [0, 2**63 - 1], as --lora-seed (e.g. 0)"
+    return None
 
 
 def model_data(model: Any, dataset: Any, *, seq_len: int, seed: int) -> TokenData:
@@ -422,6 +459,9 @@ def model_data(model: Any, dataset: Any, *, seq_len: int, seed: int) -> TokenDat
     from pytest_lora import data as text_data
 
     check_seq_len(seq_len, model)
+    problem = _seed_problem(seed)  # the data split and the synthetic data are seeded before any step runs
+    if problem:
+        raise TrainingError(f"lora_train: {problem}")
     if text_data.is_text_source(dataset):
         dataset = text_data.load(dataset, model=model, seq_len=seq_len, seed=seed)
     return coerce_data(dataset, seq_len=seq_len, vocab_size=model.config.vocab_size, seed=seed)

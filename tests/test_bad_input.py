@@ -105,6 +105,14 @@ CONFIG_CASES = {
         "*TrainingError: dataset: the train split has token ids in [[]999, 999], but the model's vocabulary is*",
         "*fix: tokenize with the model's own tokenizer",
     ),
+    "weight-decay-nan": (
+        "lora_train(cfg(), steps=2, weight_decay=float('nan'))",
+        "*TrainingError: lora_train: weight_decay=nan: must be a finite number >= 0 (e.g. 0.01)",
+    ),
+    "seed-beyond-64-bits": (
+        "lora_train(cfg(), steps=2, seed=2**70)",
+        "*TrainingError: lora_train: seed=1180591620717411303424: must be an int in [[]0, 2**63 - 1], as --lora-seed*",
+    ),
     "seq-len-over-context": (
         "lora_train(cfg(), seq_len=1024)",
         "*TrainingError: lora_train: seq_len=1024 is longer than the model's context (max_position_embeddings=256).",
@@ -122,6 +130,22 @@ def test_bad_config_or_training_input(lora_pytester: pytest.Pytester, case: str)
     result.stdout.fnmatch_lines(expected)
     out = result.stdout.str()
     assert "INTERNALERROR" not in out and "site-packages/peft" not in out and "site-packages/torch" not in out
+
+
+def test_run_arguments_are_checked_before_any_step() -> None:
+    """Every bad argument in one message, before torch sees a NaN decay or a seed beyond its 64 bits."""
+    from pytest_lora.errors import TrainingError
+    from pytest_lora.training import check_run_args
+
+    with pytest.raises(TrainingError) as info:
+        check_run_args(steps=2, lr=1e-3, batch_size=2, n_train=8, seed=-1, weight_decay=float("inf"), eval_every=0)
+    assert str(info.value) == (
+        "lora_train: weight_decay=inf: must be a finite number >= 0 (e.g. 0.01); eval_every=0: must be an int >= 1, "
+        "or None (8 evaluations per run); seed=-1: must be an int in [0, 2**63 - 1], as --lora-seed (e.g. 0)"
+    )
+    with pytest.raises(TrainingError, match=r"seed=True: must be an int"):
+        check_run_args(steps=2, lr=1e-3, batch_size=2, n_train=8, seed=True)
+    check_run_args(steps=2, lr=1e-3, batch_size=2, n_train=8, seed=2**63 - 1, weight_decay=0.01, eval_every=1)
 
 
 def _pickled_model(path, cache_dir) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from pytest_lora.flops import step_flops
 from pytest_lora.models import TINY_LLAMA_CONFIG
+from pytest_lora.report import RunRecord, rank_table, report_document
 from pytest_lora.shapes import model_shape
 
 pytestmark = pytest.mark.lora
@@ -275,3 +277,61 @@ def test_the_throughput_example_writes_one_entry_per_rank(lora_pytester: pytest.
         assert {"tokens_per_second", "peak_memory_bytes", "estimated_memory_bytes", "flops_per_token", "mfu"} <= set(
             bench["extra_info"]
         )
+
+
+def _record(nodeid: str, r: int, alpha: float, targets=("q_proj", "v_proj"), model="builtin:tiny-llama") -> RunRecord:
+    return RunRecord(
+        nodeid=nodeid,
+        label=f"r={r} alpha={alpha:g} {','.join(targets)}",
+        model=model,
+        device="cpu",
+        device_name="cpu",
+        r=r,
+        alpha=alpha,
+        targets=targets,
+        trainable_params=896 * r,
+        total_params=231_744,
+        trainable_pct=100 * 896 * r / 231_744,
+        batch_size=2,
+        seq_len=16,
+        steps_per_round=1,
+        rounds=1,
+        tokens_per_second=1000.0 / r,
+        samples_per_second=62.5 / r,
+        step_time_s=0.001 * r,
+        peak_memory_bytes=2**20,
+        peak_memory_scope="process peak (run)",
+        estimated_memory_bytes=2**20,
+        flops_per_token=1e6,
+        hardware_flops_per_token=1.3e6,
+        achieved_flops_per_second=1e9,
+        peak_flops_per_second=None,
+        mfu=None,
+        mfu_note="no accelerator",
+        benchmark_disabled=True,
+    )
+
+
+def test_the_rank_table_and_the_report_do_not_depend_on_test_order() -> None:
+    """pytest-randomly or xdist scheduling changes the arrival order; the table and the JSON list stay the same."""
+    records = [
+        _record("t.py::test[16]", 16, 32),
+        _record("t.py::test[4]", 4, 8),
+        _record("t.py::test_q[8]", 8, 16, targets=("q_proj",)),
+        _record("t.py::test[8]", 8, 16),
+        _record("u.py::test[4]", 4, 8, model="other/model"),
+    ]
+    table, runs = rank_table(records), report_document(records)["runs"]
+    assert [run["nodeid"] for run in runs] == [
+        "t.py::test[4]",
+        "t.py::test_q[8]",
+        "t.py::test[8]",
+        "t.py::test[16]",
+        "u.py::test[4]",
+    ]
+    assert table[0] == "LoRA rank table: builtin:tiny-llama on cpu, batch 2 x seq 16, one untimed round each " + (
+        "(pytest-benchmark disabled)"
+    )
+    for order in itertools.permutations(records):
+        assert rank_table(order) == table
+        assert report_document(order)["runs"] == runs

@@ -206,3 +206,65 @@ def test_read_adapter_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(AdapterConfigError, match="not a readable safetensors file"):
         safetensors_header(tmp_path / "bad.safetensors")
+
+
+def test_globs_stay_inside_the_project_and_survive_a_symlink_loop(
+    lora_pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`**` over a symlink loop ends; patterns (or symlinks) reaching outside fail by name; --lora-check may."""
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "stray.json").write_text(json.dumps(GOOD))
+    real = lora_pytester.mkdir("loop") / "real"
+    real.mkdir()
+    (real / "adapter_config.json").write_text(json.dumps(GOOD))
+    (real / "up").symlink_to("..")  # loop/real/up/real/up/... without end for a glob that follows links
+    (lora_pytester.path / "loop" / "self").symlink_to(".")
+    (lora_pytester.path / "linked").symlink_to(outside)
+    escape = f"../{outside.name}/*.json"
+    patterns = ["loop/**/adapter_config.json", escape, f"{outside}/*.json", "*/stray.json"]
+    lora_pytester.makepyprojecttoml(TINY_POLICY + f"\n[tool.pytest_lora]\nconfigs = {json.dumps(patterns)}\n")
+    # pytest's own directory walk follows links too: keep it out of the loop (a real project has testpaths)
+    result = lora_pytester.runpytest(*PLUGIN, "-v", "-o", "norecursedirs=*")
+    result.assert_outcomes(passed=1, failed=3)
+    table = f"{lora_pytester.path / 'pyproject.toml'} [[]tool.pytest_lora[]] configs"
+    result.stdout.fnmatch_lines_random(
+        [
+            "loop/real/adapter_config.json PASSED*",
+            f"AdapterConfigError: {table}: '{escape}' reaches outside the project directory {lora_pytester.path} "
+            f"(it starts at {outside}).",
+            f"AdapterConfigError: {table}: '{outside}/[*].json' reaches outside the project directory *",
+            f"AdapterConfigError: {table}: '[*]/stray.json' matches 1 path(s) outside the project directory "
+            f"{lora_pytester.path}, e.g. {lora_pytester.path}/linked/stray.json -> {outside}/stray.json (through a "
+            "symlink or '..'); they are not checked.",
+        ]
+    )
+    assert (
+        result.stdout.str().count(
+            f"  fix: correct the pattern, or name a file outside the project explicitly with {CHECK_OPTION} PATH"
+        )
+        == 3
+    )
+    explicit = lora_pytester.runpytest(
+        *PLUGIN, f"{CHECK_OPTION}={outside / 'stray.json'}", "-v", "-o", "norecursedirs=*"
+    )
+    explicit.assert_outcomes(passed=2, failed=3)  # the same three patterns refused, the named file checked
+    explicit.stdout.fnmatch_lines([f"{outside}/stray.json PASSED*"])
+
+
+def test_a_glob_that_walks_too_far_fails_by_name(lora_pytester: pytest.Pytester, monkeypatch) -> None:
+    from pytest_lora import globs
+
+    monkeypatch.setattr(globs, "MAX_ENTRIES", 3)
+    for name in "abcde":
+        lora_pytester.mkdir(name)
+    lora_pytester.makepyprojecttoml(TINY_POLICY + '\n[tool.pytest_lora]\nconfigs = ["**/*.json"]\n')
+    result = lora_pytester.runpytest(*PLUGIN)
+    result.assert_outcomes(failed=1)
+    assert "matches no file" not in result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "AdapterConfigError: *configs: '[*][*]/[*].json': the search stopped after reading 3 directory entries, "
+            "so its matches are incomplete.",
+            "  fix: narrow the pattern, e.g. adapters/[*][*]/adapter_config.json instead of [*][*]/[*].json",
+        ]
+    )

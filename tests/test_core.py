@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from conftest import lora_config
@@ -246,3 +247,39 @@ def test_adapters_off_the_loss_path_fail_loudly(lora_model, lora_train):
             module.scaling["default"] = 0.0  # the adapters' output is multiplied away
     with pytest.raises(TrainingError, match="all 8 lora_B tensors have zero gradient at step 1"):
         lora_train(model, steps=3)
+
+
+def test_numbers_beside_a_threshold_agree_with_the_verdict(lora_model):
+    """A share just under the minimum is never shown rounded up to it ("5% < 5%"), nor one just over the maximum."""
+    model = lora_model(lora_config(8))
+    percent = count_parameters(model).percent
+    for low, high, pattern in (
+        (percent + 1e-9, 10.0, r"not met: (\S+)% < (\S+)% \(min\)"),
+        (0.0, percent - 1e-9, r"exceeded: (\S+)% > (\S+)% \(max\)"),
+    ):
+        with pytest.raises(LoraAssertionError) as info:
+            assert_param_budget(model, min_pct=low, max_pct=high)
+        shown, limit = map(float, re.search(pattern, str(info.value)).groups())
+        assert (shown < limit) if low else (shown > limit)
+    with pytest.raises(LoraAssertionError) as info:
+        assert_alpha_ratio(lora_config(8, alpha=16.0001))  # was "= 2, policy wants 2" and "scaled by 1x"
+    assert "lora_alpha / r = 16.0001 / 8 = 2.00001, policy wants 2\n" in str(info.value)
+    assert "the update is scaled by 1.00001x the policy's" in str(info.value)
+
+
+def test_plateau_messages_state_the_comparison_that_failed():
+    rise_then_flat = [5.0 - 0.25 * i for i in range(12)] + [2.0] * 12
+    with pytest.raises(LoraAssertionError) as stalled:
+        assert_no_plateau(rise_then_flat, patience=6)
+    assert (
+        "  improvement 55.6% overall, but the last 6 points beat the best before them by only 0% < 2% required "
+        "(min_delta, patience 6, rel mode)"
+    ) in str(stalled.value)
+    with pytest.raises(LoraAssertionError) as swinging:
+        assert_no_plateau([5.0, 4.0] * 10 + [4.2])
+    assert (
+        "  improvement 3.48% against a typical step-to-step swing of 21.7% (over min_delta 2% and 2x the improvement, "
+        "rel mode): noise dominates progress (lr too high?)"
+    ) in str(swinging.value)
+    with pytest.raises(LoraAssertionError, match=r"improvement 1.999% < 2% required \(min_delta, rel mode\)"):
+        assert_no_plateau([1.0] * 5 + [0.98001] * 5, min_delta=0.02, window=5, min_points=10)

@@ -129,3 +129,26 @@ def test_bad_bases_and_configs_are_named() -> None:
 def test_a_model_that_already_has_adapters_is_refused(lora_model) -> None:
     with pytest.raises(AdapterConfigError, match="already carries LoRA adapters"):
         estimate_lora_parameters(lora_model(lora_config(8)), lora_config(8))
+
+
+@pytest.mark.parametrize(
+    ("architectures", "expected"),
+    [
+        (["pipeline"], "'pipeline' names transformers.pipeline, a function: it cannot build"),
+        (["AutoModel"], "'AutoModel' names transformers.AutoModel, a class, but not a PreTrainedModel"),
+        ([7], "= 7 is int, not a class name"),
+    ],
+)
+def test_architectures_may_only_name_a_model_class(tmp_path, architectures, expected) -> None:
+    """A config check never calls what config.json names unless it is a model class (`pipeline` would run)."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_LLAMA_CONFIG, "architectures": architectures}))
+    with pytest.raises(ModelLoadError) as info:
+        estimate_lora_parameters(tmp_path, lora_config(8))
+    assert str(info.value).startswith(f"base model {tmp_path}: config.json architectures[0] = ")
+    assert expected in str(info.value)
+    assert 'fix: set architectures to the model\'s class, e.g. ["LlamaForCausalLM"], or remove the key' in str(
+        info.value
+    )
+    # a name transformers does not have (remote code, a newer release) still falls back to the auto classes
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_LLAMA_CONFIG, "architectures": ["FutureForCausalLM"]}))
+    assert type(meta_model(tmp_path)).__name__ == "LlamaForCausalLM"

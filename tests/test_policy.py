@@ -226,7 +226,7 @@ def test_int_is_a_float_but_bool_is_not_an_int():
         ({"alpha_tolerance": -0.1}, "alpha_tolerance = -0.1 is out of range; use a value >= 0"),
         ({"max_dropout": 1.0}, "max_dropout = 1.0 is out of range; use a value in [0, 1)"),
         ({"min_dropout": -0.1}, "min_dropout = -0.1 is out of range"),
-        ({"memory_budget_gb": 0}, "memory_budget_gb = 0.0 is out of range; use a value > 0"),
+        ({"memory_budget_gb": 0}, "memory_budget_gb = 0.0 is out of range; use a value in (0, 1048576]"),
         ({"resume_rank": 0}, "resume_rank = 0 is out of range; use a value >= 1"),
         ({"rslora": "sometimes"}, "rslora = 'sometimes' is not one of scaling, alpha, forbid"),
         ({"base_model": ""}, 'base_model = "" is empty'),
@@ -235,6 +235,7 @@ def test_int_is_a_float_but_bool_is_not_an_int():
         ({"max_dropout": math.inf}, "max_dropout = inf is out of range"),
         ({"plateau": {"oscillation": -math.inf}}, "plateau.oscillation = -inf is out of range"),
         ({"memory_budget_gb": 10**400}, "is out of range: too large for a float"),
+        ({"memory_budget_gb": 1e308}, "memory_budget_gb = 1e+308 is out of range; use a value in (0, 1048576]"),
         ({"resume_rank": 2**63}, "is out of range: TOML integers are 64-bit"),
         ({"sweep": {"steps": 0}}, "sweep: steps = 0 is out of range; use a value >= 1."),
         (

@@ -291,3 +291,19 @@ def test_mlflow_option_without_mlflow_is_a_usage_error(lora_pytester: pytest.Pyt
     result = lora_pytester.runpytest("-p", "pytest_lora.sweep_plugin", "--lora-mlflow", "sqlite:///x.db")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--lora-mlflow sqlite:///x.db: MLflow is not installed.*"])
+
+
+def test_shown_shares_never_contradict_the_verdict() -> None:
+    """0.7004 of the longest time fails `<= 70%` and 0.94999 of the best fails `>= 95%`: shown so, not as 70%, 95.0%."""
+    points = [SweepPoint(4, 2.0 / 0.94999, 10.0), SweepPoint(8, 2.0, 70.04), SweepPoint(16, 2.0, 100.0)]
+    decision = choose_rank(points, SweepRule(ranks=(4, 8, 16)))
+    assert (decision.chosen, decision.rule_met) == (8, False)
+    assert decision.reason == (
+        "no rank reached >= 95% of the best val_loss in <= 70% of the longest time (r=8 took 70.04%); "
+        "chose the smallest rank reaching >= 95% of the best val_loss (100.0%)"
+    )
+    table = markdown(decision, "near the thresholds")
+    assert "| 4 | 2.105 | 94.999% | 10 | 10% | no | yes |  |" in table
+    assert "| 8 | 2 | 100.0% | 70 | 70.04% | yes | no | **r=8** |" in table
+    exact = choose_rank([SweepPoint(8, 2.0, 70.0), SweepPoint(16, 2.0, 100.0)], SweepRule(ranks=(8, 16)))
+    assert exact.rule_met and "(100.0%) in <= 70% of the longest time (70%)" in exact.reason
