@@ -68,26 +68,29 @@ class StepFlops:
         return self.model + self.recompute
 
 
-def step_flops(shape: ModelShape, seq_len: int, *, gradient_checkpointing: bool = False) -> StepFlops:
+def step_flops(
+    shape: ModelShape, seq_len: int, *, gradient_checkpointing: bool = False, batch_size: int = 1
+) -> StepFlops:
     """FLOPs per token of a LoRA training step (forward, backward) of `shape` at sequence length `seq_len`.
 
-    Without any adapter nothing is trained, so only the forward pass is counted.
+    Without any adapter nothing is trained, so only the forward pass is counted. `batch_size` only matters
+    for adapters PEFT folds into a fused MoE weight, whose update costs the same for the whole step.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}: must be >= 1")
+    tokens = seq_len * batch_size
     base, lora, attention = _skipped_in_first_layer(shape, seq_len)
     recompute = 0.0
     for linear in shape.linears:
         backward = shape.in_backward(linear.layer)
         base += (4 if backward else 2) * linear.params
-        lora += 6 * linear.lora_params
+        lora += linear.lora_flops_per_token(tokens)
     attention_forward = 4.0 * shape.attention_width * seq_len
     for layer in range(shape.n_layers):
         backward = shape.in_backward(layer)
         attention += 3 * attention_forward if backward else attention_forward
         if gradient_checkpointing and backward:
-            base_params, lora_params = shape.layer_params(layer)
-            recompute += 2 * base_params + 2 * lora_params + attention_forward
+            recompute += shape.layer_forward_flops(layer, tokens) + attention_forward
     return StepFlops(base=base, lora=lora, attention=attention, recompute=recompute, seq_len=seq_len)
 
 
