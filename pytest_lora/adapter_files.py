@@ -196,7 +196,10 @@ def _layout_problem(tensors: Mapping[str, Any], data_start: int, file_bytes: int
     end = 0
     for begin, stop, name in sorted(spans):
         if begin != end:
-            return f"tensor {name!r} starts at data byte {begin:,}, but the previous tensor ends at {end:,}"
+            return (
+                f"tensor {name!r} starts at data byte {begin:,} where {end:,} was expected (the tensors must tile the "
+                "data without gaps or overlaps)"
+            )
         end = stop
     if data_start + end != file_bytes:
         return (
