@@ -195,7 +195,30 @@ def matched_modules(model: Any, config: Any) -> list[str]:
         for key in getattr(config, field_name) or {}:
             if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
                 raise AdapterConfigError(_no_match_message(field_name, key, config, linear, adapted))
+    _check_trainable_copies(model, config)
     return list(matched)
+
+
+def _check_trainable_copies(model: Any, config: Any) -> None:
+    """PEFT trains a copy of each `modules_to_save` module (and of a classifier head under SEQ_CLS /
+    TOKEN_CLS); a quantized one cannot train, and PEFT fails with a bare RuntimeError."""
+    names = list(config.modules_to_save or [])
+    if getattr(config.task_type, "value", config.task_type) in ("SEQ_CLS", "TOKEN_CLS"):
+        names += ["classifier", "score"]  # what PEFT's PeftModelFor{Sequence,Token}Classification adds
+    for key, module in model.named_modules():
+        if not any(key.endswith(name) for name in names):  # PEFT's own rule (_set_trainable)
+            continue
+        packed = {type(p).__name__ for p in module.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
+        if packed:
+            leaf = key.rsplit(".", 1)[-1]
+            raise AdapterConfigError(
+                f"LoraConfig makes {key!r} ({type(module).__name__}) fully trainable (modules_to_save, or the "
+                "classifier head of a classification task), but its weights are quantized "
+                f"({', '.join(sorted(packed))}): PEFT fails with 'only Tensors of floating point dtype can require "
+                "gradients'.\n"
+                f"  fix: keep it unquantized when loading (BitsAndBytesConfig(llm_int8_skip_modules=[{leaf!r}])), "
+                "or leave it out of modules_to_save"
+            )
 
 
 def _unsupported_message(model: Any, name: str, linear: Mapping[str, list[str]]) -> str:

@@ -16,6 +16,13 @@ attention skips the gradient of each Q/K/V operand without an adapter. Gradient 
 each backward layer's forward: 2*N_layer + 2*N_lora_layer + 4*w*T more per layer, reported as
 *hardware* FLOPs. MFU uses model FLOPs (recompute excluded), as PaLM defines it.
 
+Mixture-of-experts layers (transformers 5's fused expert stacks): each token runs through
+`num_experts_per_tok` of the experts, so an expert stack counts that share of its weights in N_base. An
+adapter PEFT puts on such a weight (`target_parameters`) is folded into it once per step (B @ A for every
+expert) instead of running on each token, so its cost per token depends on the tokens per step
+(`batch_size` x `seq_len`), and the folded weight then needs its own gradient on each token (see
+`LinearShape.lora_flops_per_token`). On a tiny Mixtral with eager experts this too equals FlopCounterMode.
+
 Left out, on purpose: elementwise work (norms, activations, rotary, softmax, the loss), embedding
 lookups, the optimizer step, and, when the first adapted layer adapts no attention projection (MLP-only
 targets), the gradients its attention block and the MLP's input projections skip there (then the count

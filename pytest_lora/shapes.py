@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_lora.adapters import as_lora_config, linear_module_names, matched_modules
+from pytest_lora.adapters import as_lora_config, base_layer, linear_module_names, matched_modules
 from pytest_lora.counting import lora_module_shapes
 from pytest_lora.errors import AdapterConfigError
 from pytest_lora.estimate import module_features, rank_setting
@@ -65,22 +65,34 @@ class LinearShape:
     def lora_forward_flops(self, tokens_per_step: int) -> float:
         """Adapter FLOPs of one forward pass, per token.
 
-        A folded weight costs its update once per step (B @ A for every expert: 2 r in out each), not per token.
+        A folded weight costs its update once per step, not per token: B @ A for every expert (2 r in out
+        each), which PEFT evaluates twice for an expert stack (`register_parametrization` checks the
+        folded weight once before the forward uses it) and once for a 2-D weight (a router).
         """
         if not self.r:
             return 0.0
         if self.folded:
-            return 2.0 * self.r * self.experts * self.in_features * self.out_features / tokens_per_step
+            evaluations = 2 if self.experts > 1 else 1
+            return evaluations * self._update_flops() / tokens_per_step
         return 2.0 * self.lora_params
 
     def lora_flops_per_token(self, tokens_per_step: int) -> float:
-        """Adapter FLOPs of a training step, per token: forward, input and weight gradients (3x the forward).
+        """Adapter FLOPs of a training step, per token: forward, input and weight gradients.
 
-        A folded weight also needs, on each token, the gradient of the folded weight, which the frozen base
-        alone would not compute (2 in out per active expert).
+        A folded weight's backward is the two factor gradients of its update (2 x 2 r in out per expert,
+        once per step) and, on each token, the gradient of the folded weight, which the frozen base alone
+        would not compute (2 in out per active expert).
         """
-        extra = 2.0 * self.params if self.folded and self.r else 0.0
-        return 3 * self.lora_forward_flops(tokens_per_step) + extra
+        if not self.r:
+            return 0.0
+        if self.folded:
+            backward = 2 * self._update_flops() / tokens_per_step + 2.0 * self.params
+            return self.lora_forward_flops(tokens_per_step) + backward
+        return 6.0 * self.lora_params
+
+    def _update_flops(self) -> float:
+        """B @ A for every expert: the update PEFT folds into the weight."""
+        return 2.0 * self.r * self.experts * self.in_features * self.out_features
 
 
 @dataclass(frozen=True)
@@ -241,9 +253,7 @@ def model_shape(
     quantized_weights: set[int] = set()
     for names in linear_module_names(base).values():
         for name in names:
-            module = base.get_submodule(name)
-            if hasattr(module, "get_base_layer"):
-                module = module.get_base_layer()
+            module = base_layer(base.get_submodule(name))
             features = module_features(module)
             if features is None:
                 continue
