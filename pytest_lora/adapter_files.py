@@ -175,7 +175,8 @@ def _layout_problem(tensors: Mapping[str, Any], data_start: int, file_bytes: int
     for name, info in tensors.items():
         shape = info.get("shape") if isinstance(info, dict) else None
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        itemsize = _DTYPE_BYTES.get(info.get("dtype")) if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        itemsize = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
         if (
             itemsize is None
             or not isinstance(shape, list)

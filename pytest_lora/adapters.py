@@ -170,7 +170,8 @@ def matched_modules(model: Any, config: Any) -> list[str]:
         from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
         # PEFT's own selection: every linear layer but the output head (or a classifier head under SEQ_CLS)
-        names = sorted(_maybe_include_all_linear_layers(copy.copy(config), model).target_modules)
+        selected: Any = _maybe_include_all_linear_layers(copy.copy(config), model)
+        names = sorted(selected.target_modules)
         probe = copy.copy(config)
         probe.target_modules = set(names)
         matches = _matcher(probe, None)

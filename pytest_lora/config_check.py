@@ -111,11 +111,11 @@ def _tensor_problems(
     problems = []
     off_rank = []
     fused = _fused_adapters(model, config, targeted) if targeted is not None else {}
-    for owner, want in fused.items():
+    for owner, pairs in fused.items():
         got = sorted((s.r, s.in_features, s.out_features) for s in saved if s.name.replace(".base_layer", "") == owner)
-        if got != want:
+        if got != pairs:
             off_rank.append(
-                f"{owner}: saved as (rows, in, out) {got}, {files.config_file.name} makes {want} "
+                f"{owner}: saved as (rows, in, out) {got}, {files.config_file.name} makes {pairs} "
                 "(rows = rank x experts, one pair per adapted parameter)"
             )
     saved = [shape for shape in saved if shape.name.replace(".base_layer", "") not in fused]
