@@ -10,6 +10,7 @@ Pure stdlib, except PEFT for building the `LoraConfig`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -30,6 +31,24 @@ _MAX_HEADER_BYTES = 100 * 2**20
 # Keys PEFT writes into an adapter's state dict, before the adapted module's name.
 _SAVED_PREFIXES = ("base_model.model.", "base_model.")
 # lora_A is (r, in_features), lora_B is (out_features, r); embeddings likewise, without `.weight`.
+# Element sizes of safetensors' dtypes (its Dtype enum); sub-byte types are not used by PEFT adapters.
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 _A_TENSORS = ("lora_A.weight", "lora_embedding_A")
 _B_TENSORS = ("lora_B.weight", "lora_embedding_B")
 
@@ -117,7 +136,12 @@ def lora_config(fields: Mapping[str, Any], where: str) -> Any:
 
 
 def safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {"dtype", "shape", ...} from a safetensors file, reading its header and nothing else."""
+    """Tensor name -> {"dtype", "shape", ...} from a safetensors file, reading its header and nothing else.
+
+    The header is checked against the file as safetensors checks it before loading: each tensor's bytes
+    (`data_offsets`) hold exactly its shape at its dtype, the tensors tile the data area without gaps, and
+    the file ends where the data does. A truncated copy or a header edited over other data is corrupt.
+    """
     try:
         with open(path, "rb") as stream:
             prefix = stream.read(8)
@@ -125,6 +149,7 @@ def safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]
             if not 0 < size <= _MAX_HEADER_BYTES:
                 raise ValueError(f"header length field {size} is impossible")
             header = json.loads(stream.read(size))
+            file_bytes = os.fstat(stream.fileno()).st_size
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -132,7 +157,63 @@ def safetensors_header(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]
             f"{os.fspath(path)}: not a readable safetensors file ({exc}).\n"
             "  fix: re-save the adapter with save_pretrained (safetensors is the default)"
         ) from None
-    return {name: info for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    problem = _layout_problem(tensors, 8 + size, file_bytes)
+    if problem:
+        raise AdapterConfigError(
+            f"{os.fspath(path)}: corrupt safetensors file: {problem}.\n"
+            "  safetensors itself refuses to load it (SafetensorError: incomplete metadata, or invalid shape, data "
+            "type, or offset); its shapes say nothing about the rank the adapter was trained at.\n"
+            "  fix: copy the file again (a copy or download cut short), or re-save the adapter with save_pretrained"
+        )
+    return tensors
+
+
+def _layout_problem(tensors: Mapping[str, Any], data_start: int, file_bytes: int) -> str | None:
+    """Why the header does not describe the file (None when it does), as safetensors' own validation."""
+    spans = []
+    for name, info in tensors.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        itemsize = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
+        if (
+            itemsize is None
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) for n in offsets)
+        ):
+            return f"tensor {name!r} has no valid dtype, shape and data_offsets ({_shown(info)})"
+        declared = math.prod(shape) * itemsize
+        if offsets[1] - offsets[0] != declared:
+            return (
+                f"tensor {name!r} is declared {info['dtype']} {tuple(shape)} ({declared:,} bytes), but its "
+                f"data_offsets {offsets} span {offsets[1] - offsets[0]:,} bytes: the header was edited, or belongs "
+                "to other data"
+            )
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            return (
+                f"tensor {name!r} starts at data byte {begin:,} where {end:,} was expected (the tensors must tile the "
+                "data without gaps or overlaps)"
+            )
+        end = stop
+    if data_start + end != file_bytes:
+        return (
+            f"the header's tensors need {end:,} data bytes after the {data_start:,}-byte header, so the file should "
+            f"be {data_start + end:,} bytes; it is {file_bytes:,}"
+            + (" (truncated)" if file_bytes < data_start + end else " (trailing bytes)")
+        )
+    return None
+
+
+def _shown(info: Any) -> str:
+    text = json.dumps(info)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def saved_shapes(header: Mapping[str, Mapping[str, Any]]) -> list[LoraModuleShape]:

@@ -23,9 +23,6 @@ from typing import Any
 from pytest_lora.base_state import BaseState, Change, explain
 from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
 
-_LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
-# What PEFT's LoRA can wrap; matching anything else (a norm, a whole block) fails deep inside PEFT.
-_LORA_LAYER_CLASSES = (*_LINEAR_CLASSES, "Embedding", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
 _BIAS_MODES = ("none", "all", "lora_only")
 # Inits that leave the base untouched and need no data: others (PiSSA, OLoRA, CorDA, LoftQ, EVA, ...)
 # rewrite the base weights at attach time, which a shared base cannot survive.
@@ -48,11 +45,40 @@ def as_lora_config(config: Any) -> Any:
     raise AdapterConfigError(f"expected a peft.LoraConfig or a dict of its fields, got {type(config).__name__}")
 
 
+def linear_types() -> tuple[type, ...]:
+    """What PEFT's "all-linear" selects, by type as PEFT tests it: `nn.Linear` and its subclasses
+    (bitsandbytes' Linear4bit / Linear8bitLt, FalconLinear, ...) and transformers' `Conv1D` (GPT-2)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D)
+
+
+def lora_layer_types() -> tuple[type, ...]:
+    """What PEFT's LoRA can wrap (its dispatch tests these with isinstance, so subclasses such as Gemma-2's
+    scaled word embedding count); matching anything else (a norm, a whole block) fails deep inside PEFT."""
+    import torch
+
+    nn = torch.nn
+    return (*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+
+
+def base_layer(module: Any) -> Any:
+    """The layer a PEFT wrapper stands for (a LoRA layer's base, a modules_to_save original); else the module."""
+    if hasattr(module, "get_base_layer"):
+        return module.get_base_layer()
+    return getattr(module, "original_module", module)
+
+
 def linear_module_names(model: Any) -> dict[str, list[str]]:
-    """Linear layers by their last name component (`q_proj` -> full names): what targets can match."""
+    """Linear layers by their last name component (`q_proj` -> full names): what targets can match.
+
+    On a model carrying adapters, an adapted layer counts by the layer it wraps.
+    """
+    kinds = linear_types()
     found: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if name and type(module).__name__ in _LINEAR_CLASSES and not _INTERNAL.search(name):
+        if name and isinstance(base_layer(module), kinds) and not _INTERNAL.search(name):
             found.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     return found
 
@@ -76,7 +102,7 @@ def _check_values(config: Any) -> None:
             problems.append(f"alpha_pattern[{key!r}] = {value!r}: must be > 0")
     targets = config.target_modules
     if targets is not None and not isinstance(targets, str):
-        if len(targets) == 0:
+        if len(targets) == 0 and not getattr(config, "target_parameters", None):
             problems.append("target_modules = []: empty, so no module would be adapted (e.g. ['q_proj', 'v_proj'])")
         problems += [
             f"target_modules entry {t!r}: must be a module name (str)" for t in targets if not isinstance(t, str)
@@ -123,9 +149,14 @@ def matched_modules(model: Any, config: Any) -> list[str]:
     """Full names of the modules `config` adapts, by PEFT's own matching rule.
 
     Every `target_modules` entry and every `rank_pattern` / `alpha_pattern` key must match at
-    least one module: PEFT accepts a list with one typo as long as another entry matches.
+    least one module: PEFT accepts a list with one typo as long as another entry matches. The config is
+    read as PEFT will attach it (on a transformers-5 MoE model, the fused experts and the router move to
+    `target_parameters`: see `target_parameters.py`), and what PEFT refuses there is refused here.
     """
+    from pytest_lora.target_parameters import as_peft_sees_it, parameter_targets
+
     _check_values(config)
+    config = as_peft_sees_it(model, config)
     linear = linear_module_names(model)
     if not linear:
         raise AdapterConfigError(
@@ -136,9 +167,12 @@ def matched_modules(model: Any, config: Any) -> list[str]:
     targets = config.target_modules
     if targets is None:
         targets = _default_targets(model)
-    if targets == "all-linear":
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [k for group in linear.values() for k in group if model.get_submodule(k) is not output]
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        # PEFT's own selection: every linear layer but the output head (or a classifier head under SEQ_CLS)
+        selected: Any = _maybe_include_all_linear_layers(copy.copy(config), model)
+        names = sorted(selected.target_modules)
         probe = copy.copy(config)
         probe.target_modules = set(names)
         matches = _matcher(probe, None)
@@ -154,19 +188,56 @@ def matched_modules(model: Any, config: Any) -> list[str]:
             if not hits:
                 raise AdapterConfigError(_no_match_message("target_modules", entry, config, linear, keys))
             matched.update(dict.fromkeys(hits))
-    unsupported = [k for k in matched if type(model.get_submodule(k)).__name__ not in _LORA_LAYER_CLASSES]
+    kinds = lora_layer_types()
+    unsupported = [k for k in matched if not isinstance(base_layer(model.get_submodule(k)), kinds)]
     if unsupported:
-        kind = type(model.get_submodule(unsupported[0])).__name__
-        raise AdapterConfigError(
-            f"LoraConfig.target_modules matches {unsupported[0]!r}, a {kind}: LoRA can only wrap linear, "
-            f"embedding, convolution or attention layers.\n  linear modules: {', '.join(linear)}\n"
-            "  fix: target the linear layers inside it (e.g. 'gate_proj' rather than 'mlp')"
-        )
+        raise AdapterConfigError(_unsupported_message(model, unsupported[0], linear))
+    adapted = [*matched, *(shape.name for shape in parameter_targets(model, config, matched))]
     for field_name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field_name) or {}:
-            if not any(re.match(rf"(.*\.)?({key})$", name) for name in matched):
-                raise AdapterConfigError(_no_match_message(field_name, key, config, linear, list(matched)))
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
+                raise AdapterConfigError(_no_match_message(field_name, key, config, linear, adapted))
+    _check_trainable_copies(model, config)
     return list(matched)
+
+
+def _check_trainable_copies(model: Any, config: Any) -> None:
+    """PEFT trains a copy of each `modules_to_save` module (and of a classifier head under SEQ_CLS /
+    TOKEN_CLS); a quantized one cannot train, and PEFT fails with a bare RuntimeError."""
+    names = list(config.modules_to_save or [])
+    if getattr(config.task_type, "value", config.task_type) in ("SEQ_CLS", "TOKEN_CLS"):
+        names += ["classifier", "score"]  # what PEFT's PeftModelFor{Sequence,Token}Classification adds
+    for key, module in model.named_modules():
+        if not any(key.endswith(name) for name in names):  # PEFT's own rule (_set_trainable)
+            continue
+        packed = {type(p).__name__ for p in module.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
+        if packed:
+            leaf = key.rsplit(".", 1)[-1]
+            raise AdapterConfigError(
+                f"LoraConfig makes {key!r} ({type(module).__name__}) fully trainable (modules_to_save, or the "
+                "classifier head of a classification task), but its weights are quantized "
+                f"({', '.join(sorted(packed))}): PEFT fails with 'only Tensors of floating point dtype can require "
+                "gradients'.\n"
+                f"  fix: keep it unquantized when loading (BitsAndBytesConfig(llm_int8_skip_modules=[{leaf!r}])), "
+                "or leave it out of modules_to_save"
+            )
+
+
+def _unsupported_message(model: Any, name: str, linear: Mapping[str, list[str]]) -> str:
+    """A target that is no layer LoRA can wrap: its linear layers, or its own weight as a parameter target."""
+    module = model.get_submodule(name)
+    weight = getattr(module, "weight", None)
+    leaf = name.rsplit(".", 1)[-1]
+    own = (
+        f", or adapt its weight directly with target_parameters=['{leaf}.weight'] (and {leaf!r} out of target_modules)"
+        if getattr(weight, "ndim", 0) in (2, 3) and not list(module.children())
+        else ""
+    )
+    return (
+        f"LoraConfig.target_modules matches {name!r}, a {type(module).__name__}: LoRA can only wrap linear, "
+        f"embedding, convolution or attention layers.\n  linear modules: {', '.join(linear)}\n"
+        f"  fix: target the linear layers inside it (e.g. 'gate_proj' rather than 'mlp'){own}"
+    )
 
 
 def _default_targets(model: Any) -> list[str]:

@@ -16,10 +16,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pytest_lora.adapters import as_lora_config, matched_modules
-from pytest_lora.counting import ParamCount, count_parameters, describe_targets, lora_module_shapes
+from pytest_lora.adapters import as_lora_config, base_layer, matched_modules
+from pytest_lora.counting import (
+    ParamCount,
+    adapter_weights,
+    count_parameters,
+    describe_targets,
+    lora_layers,
+    lora_module_shapes,
+)
 from pytest_lora.curves import analyze_overfit, analyze_plateau
 from pytest_lora.errors import LoraAssertionError
+from pytest_lora.estimate import module_features, rank_setting
 from pytest_lora.policy import Policy
 from pytest_lora.thresholds import beside, limit_text
 
@@ -83,7 +91,7 @@ def assert_param_budget(model: Any, min_pct: float | None = None, max_pct: float
     if low <= count.percent <= high:
         return count
     shapes = lora_module_shapes(model)
-    per_rank = sum(s.in_features + s.out_features for s in shapes)
+    per_rank = sum(s.per_rank for s in shapes)
     lora = sum(s.parameters for s in shapes)
     other_trainable = count.trainable - lora
     frozen = count.total - lora
@@ -263,27 +271,26 @@ def assert_adapter_shapes(model: Any, config: Any = None) -> None:
     target entry and pattern key matches a module.
     """
     __tracebackhide__ = True
-    from peft.utils.other import get_pattern_key
-
     attached = _peft_config(model)
     if attached is None:
         _fail(["assert_adapter_shapes: the model has no LoRA adapter (not a PeftModel, or it was unloaded)"])
     config = attached if config is None else as_lora_config(config)
-    expected = matched_modules(_unwrap_base(model), config)
-    modules = dict(model.get_base_model().named_modules())
+    base = _unwrap_base(model)
+    expected = _expected_adapters(base, config)
+    layers = dict(lora_layers(base))
     problems = []
-    for name in expected:
-        module = modules[name]
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+    for name, (in_features, out_features), r, experts in expected:
+        if name not in layers:
             problems.append(f"{name}: targeted by the config but has no LoRA adapter")
             continue
-        base = module.get_base_layer()
-        r = (config.rank_pattern or {}).get(get_pattern_key(list(config.rank_pattern or {}), name), config.r)
-        a_shape = tuple(module.lora_A["default"].weight.shape)
-        b_shape = tuple(module.lora_B["default"].weight.shape)
-        want_a, want_b = (r, base.in_features), (base.out_features, r)
+        a_weight, b_weight = adapter_weights(layers[name])
+        in_features = in_features or int(layers[name].in_features)  # e.g. a convolution: PEFT's own reading
+        out_features = out_features or int(layers[name].out_features)
+        a_shape, b_shape = tuple(a_weight.shape)[:2], tuple(b_weight.shape)[:2]
+        want_a, want_b = (r * experts, in_features), (out_features, r * experts)
         if a_shape != want_a or b_shape != want_b:
-            problems.append(f"{name}: lora_A {a_shape}, lora_B {b_shape}; expected {want_a}, {want_b} (r={r})")
+            per = f"r={r}" + (f" x {experts} experts" if experts > 1 else "")
+            problems.append(f"{name}: lora_A {a_shape}, lora_B {b_shape}; expected {want_a}, {want_b} ({per})")
     unexpected = _stray_trainables(model, config)
     if not problems and not unexpected:
         return
@@ -304,6 +311,24 @@ def assert_adapter_shapes(model: Any, config: Any = None) -> None:
             "  fix: check r / rank_pattern against the adapter you load; to change the rank, retrain from scratch"
         )
     _fail(lines)
+
+
+def _expected_adapters(base: Any, config: Any) -> list[tuple[str, tuple[int, int], int, int]]:
+    """(name, (in, out) features, rank, experts) of every adapter `config` creates on `base`.
+
+    Features are read from the wrapped layers (0 where the shape rule does not know the kind); the
+    parameters PEFT adapts directly (fused MoE experts, routers) come with one adapter pair per expert.
+    """
+    from pytest_lora.target_parameters import as_peft_sees_it, parameter_targets
+
+    names = matched_modules(base, config)
+    expected = [
+        (name, module_features(base_layer(base.get_submodule(name))) or (0, 0), rank_setting(config, name)[1], 1)
+        for name in names
+    ]
+    for shape in parameter_targets(base, as_peft_sees_it(base, config), names):
+        expected.append((shape.name, (shape.in_features, shape.out_features), shape.r, shape.experts))
+    return expected
 
 
 def _stray_trainables(model: Any, config: Any) -> list[str]:

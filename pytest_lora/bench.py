@@ -198,7 +198,7 @@ def lora_benchmark(
         )
         round_seconds = sum(seconds) / len(seconds)
         tokens_per_second = steps_per_round * batch_size * seq_len / round_seconds
-        flops = step_flops(shape, seq_len)
+        flops = step_flops(shape, seq_len, batch_size=batch_size)
         device_name = _device_name(device)
         peak = peak_flops(device_name, lora_settings.peak_tflops)
         count = count_parameters(model)

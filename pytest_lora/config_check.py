@@ -20,6 +20,7 @@ from pytest_lora.errors import AdapterConfigError, LoraAssertionError
 from pytest_lora.estimate import attach_on_meta, meta_model, module_features, rank_setting
 from pytest_lora.models import silence_bitsandbytes_kernel_notice
 from pytest_lora.policy import Policy
+from pytest_lora.target_parameters import as_peft_sees_it, parameter_targets
 
 _SHOWN = 5  # modules listed per problem before "... and N more"
 _FIXED_SHAPES = (
@@ -109,6 +110,15 @@ def _tensor_problems(
     modules = dict(model.named_modules())
     problems = []
     off_rank = []
+    fused = _fused_adapters(model, config, targeted) if targeted is not None else {}
+    for owner, pairs in fused.items():
+        got = sorted((s.r, s.in_features, s.out_features) for s in saved if s.name.replace(".base_layer", "") == owner)
+        if got != pairs:
+            off_rank.append(
+                f"{owner}: saved as (rows, in, out) {got}, {files.config_file.name} makes {pairs} "
+                "(rows = rank x experts, one pair per adapted parameter)"
+            )
+    saved = [shape for shape in saved if shape.name.replace(".base_layer", "") not in fused]
     for shape in saved:
         key, want = rank_setting(config, shape.name)
         if shape.r != want:
@@ -161,6 +171,19 @@ def _tensor_problems(
                 )
             )
     return problems
+
+
+def _fused_adapters(model: Any, config: Any, targeted: list[str]) -> dict[str, list[tuple[int, int, int]]]:
+    """Per module, the (rows, in, out) of the adapters PEFT puts on its parameters (fused MoE experts).
+
+    PEFT nests one ParamWrapper per parameter (`experts`, `experts.base_layer`), in an order the saved names do
+    not tell, so a module's saved adapters are compared as a whole.
+    """
+    expected: dict[str, list[tuple[int, int, int]]] = {}
+    for shape in parameter_targets(model, as_peft_sees_it(model, config), targeted):
+        owner = shape.name.rsplit(".", 1)[0]
+        expected.setdefault(owner, []).append((shape.r * shape.experts, shape.in_features, shape.out_features))
+    return {owner: sorted(pairs) for owner, pairs in expected.items()}
 
 
 def _resume_problems(

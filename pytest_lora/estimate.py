@@ -48,11 +48,11 @@ _SHAPE_RULE_FIELDS = frozenset(
         "megatron_core",
         "runtime_config",
         "qalora_group_size",
+        "target_parameters",
     }
 )
 # Task types whose PeftModel class adds no trainable modules of its own (classification heads do).
 _PLAIN_TASKS = (None, "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
-_LINEAR_LIKE = ("Linear", "Linear4bit", "Linear8bitLt")
 
 
 def base_config(base: Any, *, trust_remote_code: bool = False) -> Any:
@@ -158,32 +158,41 @@ def _uses_only_shape_rule(config: Any) -> bool:
 def module_features(module: Any) -> tuple[int, int] | None:
     """Logical (in, out) features of a module LoRA can adapt by shape alone; None for other kinds.
 
-    A 4-bit weight's storage shape is packed, so linear layers answer from in/out_features.
+    By type, as PEFT dispatches (subclasses such as FalconLinear included). A 4-bit weight's storage
+    shape is packed, so linear layers answer from in/out_features; GPT-2's Conv1D stores its weight
+    transposed, (in, out), which is what PEFT reads (`fan_in_fan_out`).
     """
-    kind = type(module).__name__
-    if kind in _LINEAR_LIKE:
-        return int(module.in_features), int(module.out_features)
-    if kind == "Conv1D":  # GPT-2 style: weight is (in, out)
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
         rows, cols = module.weight.shape
         return int(rows), int(cols)
-    if kind == "Embedding":
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if isinstance(module, torch.nn.Embedding):
         return int(module.num_embeddings), int(module.embedding_dim)
     return None
 
 
 def planned_shapes(model: Any, config: Any) -> list[LoraModuleShape] | None:
-    """The LoRA modules `config` would create on `model`: name, logical in/out features, rank.
+    """The LoRA adapters `config` would create on `model`: name, logical in/out features, rank.
 
+    The parameters PEFT adapts directly (`target_parameters`: the fused experts and router of a
+    transformers-5 MoE model) come last, one adapter pair per expert. Validates the config either way;
     None when a matched module is of a kind the shape rule does not cover (e.g. a convolution).
     """
+    from pytest_lora.target_parameters import as_peft_sees_it, parameter_targets
+
+    names = matched_modules(model, config)
     shapes = []
-    for name in matched_modules(model, config):
+    for name in names:
         features = module_features(model.get_submodule(name))
         if features is None:
             return None
         r = rank_setting(config, name)[1]
         shapes.append(LoraModuleShape(name, in_features=features[0], out_features=features[1], r=r))
-    return shapes
+    return shapes + parameter_targets(model, as_peft_sees_it(model, config), names)
 
 
 def rank_setting(config: Any, name: str) -> tuple[str, int]:
@@ -246,8 +255,8 @@ def estimate_lora_parameters(base: Any, config: Any, *, trust_remote_code: bool 
             "  fix: pass the base model (or its config) without adapters"
         )
     model = base if is_model else meta_model(base, trust_remote_code=trust_remote_code)
-    shapes = planned_shapes(model, config) if _uses_only_shape_rule(config) else None
-    if shapes is None:
+    shapes = planned_shapes(model, config)  # also validates what PEFT itself would count or refuse
+    if shapes is None or not _uses_only_shape_rule(config):
         return count_parameters(attach_on_meta(_fresh_meta(base, model, trust_remote_code), config))
     adapters = sum(s.parameters for s in shapes)
     if config.use_dora:  # one magnitude per output feature

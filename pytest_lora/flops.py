@@ -16,6 +16,13 @@ attention skips the gradient of each Q/K/V operand without an adapter. Gradient 
 each backward layer's forward: 2*N_layer + 2*N_lora_layer + 4*w*T more per layer, reported as
 *hardware* FLOPs. MFU uses model FLOPs (recompute excluded), as PaLM defines it.
 
+Mixture-of-experts layers (transformers 5's fused expert stacks): each token runs through
+`num_experts_per_tok` of the experts, so an expert stack counts that share of its weights in N_base. An
+adapter PEFT puts on such a weight (`target_parameters`) is folded into it once per step (B @ A for every
+expert) instead of running on each token, so its cost per token depends on the tokens per step
+(`batch_size` x `seq_len`), and the folded weight then needs its own gradient on each token (see
+`LinearShape.lora_flops_per_token`). On a tiny Mixtral with eager experts this too equals FlopCounterMode.
+
 Left out, on purpose: elementwise work (norms, activations, rotary, softmax, the loss), embedding
 lookups, the optimizer step, and, when the first adapted layer adapts no attention projection (MLP-only
 targets), the gradients its attention block and the MLP's input projections skip there (then the count
@@ -68,26 +75,29 @@ class StepFlops:
         return self.model + self.recompute
 
 
-def step_flops(shape: ModelShape, seq_len: int, *, gradient_checkpointing: bool = False) -> StepFlops:
+def step_flops(
+    shape: ModelShape, seq_len: int, *, gradient_checkpointing: bool = False, batch_size: int = 1
+) -> StepFlops:
     """FLOPs per token of a LoRA training step (forward, backward) of `shape` at sequence length `seq_len`.
 
-    Without any adapter nothing is trained, so only the forward pass is counted.
+    Without any adapter nothing is trained, so only the forward pass is counted. `batch_size` only matters
+    for adapters PEFT folds into a fused MoE weight, whose update costs the same for the whole step.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len}: must be >= 1")
+    tokens = seq_len * batch_size
     base, lora, attention = _skipped_in_first_layer(shape, seq_len)
     recompute = 0.0
     for linear in shape.linears:
         backward = shape.in_backward(linear.layer)
         base += (4 if backward else 2) * linear.params
-        lora += 6 * linear.lora_params
+        lora += linear.lora_flops_per_token(tokens)
     attention_forward = 4.0 * shape.attention_width * seq_len
     for layer in range(shape.n_layers):
         backward = shape.in_backward(layer)
         attention += 3 * attention_forward if backward else attention_forward
         if gradient_checkpointing and backward:
-            base_params, lora_params = shape.layer_params(layer)
-            recompute += 2 * base_params + 2 * lora_params + attention_forward
+            recompute += shape.layer_forward_flops(layer, tokens) + attention_forward
     return StepFlops(base=base, lora=lora, attention=attention, recompute=recompute, seq_len=seq_len)
 
 

@@ -150,7 +150,8 @@ def activation_bytes_per_token(shape: ModelShape, *, gradient_checkpointing: boo
     eager attention also the T x T probabilities; a gated MLP keeps the gate, its activation and up
     (3c i), a plain one its pre-activation (c i). This is Korthikanti et al. 2022 (34 s b h per layer
     for full training) without the inputs kept only for weight gradients. Checkpointing keeps each
-    layer's input (c h) and one layer's set while it is recomputed.
+    layer's input (c h) and one layer's set while it is recomputed. An adapter PEFT folds into a fused
+    MoE weight keeps the inputs of that weight instead (c d_in per active expert), for its gradient.
     """
     c = shape.activation_bytes
     norms = 2 * 4 * shape.hidden_size
@@ -162,7 +163,11 @@ def activation_bytes_per_token(shape: ModelShape, *, gradient_checkpointing: boo
         if not shape.in_backward(layer):
             continue
         adapters = sum(
-            (4 + dropout_mask) * linear.in_features + 4 * linear.r for linear in shape.adapted if linear.layer == layer
+            c * linear.active * linear.in_features
+            if linear.folded
+            else (4 + dropout_mask) * linear.in_features + 4 * linear.r
+            for linear in shape.adapted
+            if linear.layer == layer
         )
         per_layer.append(norms + attention + mlp + adapters)
     if not per_layer:
@@ -171,6 +176,22 @@ def activation_bytes_per_token(shape: ModelShape, *, gradient_checkpointing: boo
     if gradient_checkpointing:
         return len(per_layer) * c * shape.hidden_size + max(per_layer) + final_norm
     return sum(per_layer) + final_norm
+
+
+def folded_weight_bytes(shape: ModelShape, *, gradient_checkpointing: bool) -> int:
+    """The weights PEFT's ParamWrapper builds for an adapted fused MoE parameter (W + B @ A, all experts).
+
+    Each forward pass materialises the folded weight at the parameter's dtype, and the expert matmuls keep
+    it for backward: every adapted layer's copy at once, or one layer's with checkpointing.
+    """
+    per_layer: dict[int | None, int] = {}
+    for linear in shape.adapted:
+        if linear.folded:
+            size = linear.experts * linear.in_features * linear.out_features * shape.activation_bytes
+            per_layer[linear.layer] = per_layer.get(linear.layer, 0) + size
+    if not per_layer:
+        return 0
+    return max(per_layer.values()) if gradient_checkpointing else sum(per_layer.values())
 
 
 def eager_attention_bytes(shape: ModelShape, seq_len: int) -> float:
@@ -208,6 +229,7 @@ def memory_breakdown(
     backward_layers = sum(1 for layer in range(shape.n_layers) if shape.in_backward(layer))
     eager = eager_attention_bytes(shape, seq_len) * (1 if gradient_checkpointing else backward_layers)
     activations = tokens * (activation_bytes_per_token(shape, gradient_checkpointing=gradient_checkpointing) + eager)
+    activations += folded_weight_bytes(shape, gradient_checkpointing=gradient_checkpointing)
     largest = max((linear.params for linear in shape.linears if linear.quantized), default=0) if quant else 0
     return MemoryEstimate(
         base_4bit=packed,

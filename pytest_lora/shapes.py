@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_lora.adapters import as_lora_config, linear_module_names, matched_modules
+from pytest_lora.adapters import as_lora_config, base_layer, linear_module_names, matched_modules
 from pytest_lora.counting import lora_module_shapes
 from pytest_lora.errors import AdapterConfigError
 from pytest_lora.estimate import module_features, rank_setting
+from pytest_lora.target_parameters import as_peft_sees_it, parameter_targets
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(\.|$)")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -35,7 +36,12 @@ class QuantLayout:
 
 @dataclass(frozen=True)
 class LinearShape:
-    """One linear layer: logical shape, decoder layer (None outside the stack), 4-bit or not, LoRA rank."""
+    """One linear layer: logical shape, decoder layer (None outside the stack), 4-bit or not, LoRA rank.
+
+    A fused MoE weight (a parameter PEFT adapts through `target_parameters`: a stack of `experts`
+    matrices of which each token uses `active`, or a router's weight) is `folded`: PEFT's ParamWrapper
+    adds its LoRA update into the weight once per step instead of running an adapter on each token.
+    """
 
     name: str
     in_features: int
@@ -43,14 +49,50 @@ class LinearShape:
     layer: int | None
     quantized: bool
     r: int = 0
+    experts: int = 1
+    active: int = 1
+    folded: bool = False
 
     @property
     def params(self) -> int:
-        return self.in_features * self.out_features
+        """Weights one token is multiplied with (the active experts' share of a stack)."""
+        return self.active * self.in_features * self.out_features
 
     @property
     def lora_params(self) -> int:
-        return self.r * (self.in_features + self.out_features)
+        return self.r * self.experts * (self.in_features + self.out_features)
+
+    def lora_forward_flops(self, tokens_per_step: int) -> float:
+        """Adapter FLOPs of one forward pass, per token.
+
+        A folded weight costs its update once per step, not per token: B @ A for every expert (2 r in out
+        each), which PEFT evaluates twice for an expert stack (`register_parametrization` checks the
+        folded weight once before the forward uses it) and once for a 2-D weight (a router).
+        """
+        if not self.r:
+            return 0.0
+        if self.folded:
+            evaluations = 2 if self.experts > 1 else 1
+            return evaluations * self._update_flops() / tokens_per_step
+        return 2.0 * self.lora_params
+
+    def lora_flops_per_token(self, tokens_per_step: int) -> float:
+        """Adapter FLOPs of a training step, per token: forward, input and weight gradients.
+
+        A folded weight's backward is the two factor gradients of its update (2 x 2 r in out per expert,
+        once per step) and, on each token, the gradient of the folded weight, which the frozen base alone
+        would not compute (2 in out per active expert).
+        """
+        if not self.r:
+            return 0.0
+        if self.folded:
+            backward = 2 * self._update_flops() / tokens_per_step + 2.0 * self.params
+            return self.lora_forward_flops(tokens_per_step) + backward
+        return 6.0 * self.lora_params
+
+    def _update_flops(self) -> float:
+        """B @ A for every expert: the update PEFT folds into the weight."""
+        return 2.0 * self.r * self.experts * self.in_features * self.out_features
 
 
 @dataclass(frozen=True)
@@ -103,10 +145,10 @@ class ModelShape:
             return False
         return (self.n_layers if layer is None else layer) >= first
 
-    def layer_params(self, layer: int) -> tuple[int, int]:
-        """(base matmul params, LoRA params) of one decoder layer."""
+    def layer_forward_flops(self, layer: int, tokens_per_step: int) -> float:
+        """Matmul FLOPs per token of one decoder layer's forward pass, base and adapters."""
         linears = [linear for linear in self.linears if linear.layer == layer]
-        return sum(linear.params for linear in linears), sum(linear.lora_params for linear in linears)
+        return sum(2.0 * linear.params + linear.lora_forward_flops(tokens_per_step) for linear in linears)
 
 
 def layer_index(name: str) -> int | None:
@@ -138,8 +180,36 @@ def _ranks(model: Any, config: Any) -> tuple[dict[str, int], float]:
     if config is None:
         return {}, 0.0
     config = as_lora_config(config)
-    ranks = {name: int(rank_setting(config, name)[1]) for name in matched_modules(model, config)}
+    names = matched_modules(model, config)
+    ranks = {name: int(rank_setting(config, name)[1]) for name in names}
+    ranks.update({shape.name: shape.r for shape in parameter_targets(model, as_peft_sees_it(model, config), names)})
     return ranks, float(config.lora_dropout)
+
+
+def _fused_weights(base: Any, ranks: dict[str, int]) -> list[LinearShape]:
+    """The weights PEFT can only adapt as parameters (fused MoE experts, routers), adapted or not.
+
+    Taken from what "all-linear" would adapt through `target_parameters`, so that the experts' base FLOPs
+    count even when no adapter is on them. Each token runs through `num_experts_per_tok` experts.
+    """
+    from peft import LoraConfig
+
+    all_linear = as_peft_sees_it(base, LoraConfig(target_modules="all-linear"))
+    top_k = _config_value(base.config, "num_experts_per_tok", "moe_topk", default=None)
+    return [
+        LinearShape(
+            shape.name,
+            shape.in_features,
+            shape.out_features,
+            layer_index(shape.name),
+            quantized=False,  # bitsandbytes quantizes nn.Linear layers only: fused experts stay 16-bit
+            r=ranks.get(shape.name, 0),
+            experts=shape.experts,
+            active=int(top_k or shape.experts) if shape.experts > 1 else 1,
+            folded=True,
+        )
+        for shape in parameter_targets(base, all_linear)
+    ]
 
 
 def _quant_layout(model: Any) -> QuantLayout | None:
@@ -183,9 +253,7 @@ def model_shape(
     quantized_weights: set[int] = set()
     for names in linear_module_names(base).values():
         for name in names:
-            module = base.get_submodule(name)
-            if hasattr(module, "get_base_layer"):
-                module = module.get_base_layer()
+            module = base_layer(base.get_submodule(name))
             features = module_features(module)
             if features is None:
                 continue
@@ -197,6 +265,7 @@ def model_shape(
                 quantized_weights.add(id(module.weight))
             layer = layer_index(name) if name != head_name else None
             linears.append(LinearShape(name, in_features, out_features, layer, is_4bit, ranks.get(name, 0)))
+    linears += _fused_weights(base, ranks)
     unquantized_params = unquantized_bytes = 0
     for name, param in base.named_parameters():
         if id(param) in quantized_weights or "lora_" in name:

@@ -268,3 +268,98 @@ def test_a_glob_that_walks_too_far_fails_by_name(lora_pytester: pytest.Pytester,
             "  fix: narrow the pattern, e.g. adapters/[*][*]/adapter_config.json instead of [*][*]/[*].json",
         ]
     )
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a safetensors file's header with `edit(header)`, keeping its data bytes as they are."""
+    import struct
+
+    data = path.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+
+
+def _cut(path: Path, keep) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: keep(data)])
+
+
+def _header_end(data: bytes) -> int:
+    import struct
+
+    return 8 + struct.unpack("<Q", data[:8])[0]
+
+
+def _set_shape(name: str, shape: list[int]):
+    def edit(header: dict) -> None:
+        header[name]["shape"] = shape
+
+    return edit
+
+
+def _set_offsets(name: str, offsets: list[int]):
+    def edit(header: dict) -> None:
+        header[name]["data_offsets"] = offsets
+
+    return edit
+
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+DAMAGES = {
+    "truncated after its header": (lambda path: _cut(path, _header_end), r"it is [\d,]+ \(truncated\)"),
+    "cut to half its size": (lambda path: _cut(path, lambda data: len(data) // 2), r"\(truncated\)"),
+    "trailing bytes": (lambda path: path.write_bytes(path.read_bytes() + b"\0" * 64), r"\(trailing bytes\)"),
+    "a shape edited in the header": (
+        lambda path: _rewrite(path, _set_shape(Q_A, [16, 64])),
+        rf"tensor '{Q_A}' is declared F32 \(16, 64\) \(4,096 bytes\), but its data_offsets \[\d+, \d+\] span 2,048",
+    ),
+    "overlapping offsets": (
+        lambda path: _rewrite(path, _set_offsets(Q_A, [2048, 4096])),
+        r"starts at data byte 2,048 where 0 was expected",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_adapter(tmp_path_factory.mktemp("saved") / "run")
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_safetensors_file_is_corrupt_as_safetensors_says(saved_adapter: Path, tmp_path, damage) -> None:
+    """Checked from the header and the file's length alone; safetensors itself refuses each of these files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    shutil.copyfile(saved_adapter / "adapter_model.safetensors", path)
+    assert {s.r for s in saved_shapes(safetensors_header(path))} == {8}  # intact: read as saved
+    harm, message = DAMAGES[damage]
+    harm(path)
+    with pytest.raises(SafetensorError):
+        load_file(path)
+    with pytest.raises(
+        AdapterConfigError, match=rf"(?s)corrupt safetensors file: .*{message}.*fix: copy the file again"
+    ):
+        safetensors_header(path)
+
+
+def test_damaged_weights_are_reported_as_corrupt_not_as_another_rank(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    edited = _save_adapter(lora_pytester.path / "edited")
+    _rewrite(edited / "adapter_model.safetensors", _set_shape(Q_A, [16, 64]))
+    truncated = _save_adapter(lora_pytester.path / "truncated")
+    _cut(truncated / "adapter_model.safetensors", lambda data: len(data) // 2)
+    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=edited", f"{CHECK_OPTION}=truncated")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            f"*edited/adapter_model.safetensors: corrupt safetensors file: tensor '{Q_A}' is declared F32 (16, 64)*",
+            "*truncated/adapter_model.safetensors: corrupt safetensors file: the header's tensors need * data bytes*",
+        ]
+    )
+    assert "saved at rank" not in result.stdout.str()

@@ -133,3 +133,31 @@ def test_each_table_row_is_reachable_by_its_own_name():
     """Most specific patterns first: "H100 PCIe" must not fall into the generic H100 (SXM) row."""
     for _, label, tflops in PEAK_BF16_TFLOPS:
         assert peak_flops(f"NVIDIA {label}").flops == pytest.approx(tflops * 1e12), label
+
+
+def _tiny_mixtral(config):
+    """The zoo's Mixtral in fp32, eager attention and eager experts (FlopCounterMode sees each expert's matmul)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from pytest_lora.zoo import ZOO
+
+    fields = {k: v for k, v in ZOO["tiny-mixtral"].config.items() if k not in ("architectures", "model_type")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = MixtralForCausalLM(MixtralConfig(**fields, attn_implementation="eager", experts_implementation="eager"))
+    base.requires_grad_(False)
+    return get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_moe_formula_equals_flop_counter(targets) -> None:
+    """Routed experts (2 of 4 per token) in N_base; all-linear adapts the fused experts and the router, whose
+    updates PEFT folds into the weights once per step: the formula follows both, exactly."""
+    from _flop_counter import BATCH
+
+    model = _tiny_mixtral(lora_config(8, target_modules=targets))
+    shape = model_shape(model)
+    assert sum(linear.folded and linear.r > 0 for linear in shape.linears) == (6 if targets == "all-linear" else 0)
+    assert step_flops(shape, SEQ, batch_size=BATCH).model == counted_flops_per_token(model, SEQ)

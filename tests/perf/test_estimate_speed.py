@@ -1,9 +1,10 @@
-"""Counting a Llama-2-70b-shaped LoRA from its config: time against PEFT's own meta-device count, and memory.
+"""Counting a 70B-shaped LoRA from its config: time against PEFT's own meta-device count, and memory.
 
 The estimate sums LoRA shapes of the meta model instead of instantiating PEFT layers. The ratio
-(estimate / PEFT, both from the same config, both building the meta model) goes to `extra_info`;
-the target is <= 0.5. The memory claim (a fresh process stays under 600 MB) is asserted: it is a
-resource bound, not a timing.
+(estimate / PEFT, both from the same config, both building the meta model) goes to `extra_info` and is
+printed; the target is <= 0.15 (Llama-3-70B, all-linear r=64). With benchmarks disabled (the normal
+suite) only the counts are compared. The memory claim (a fresh process stays under 600 MB) is asserted:
+it is a resource bound, not a timing.
 """
 
 from __future__ import annotations
@@ -30,34 +31,44 @@ LLAMA_2_70B = {
     "num_key_value_heads": 8,
     "vocab_size": 32000,
 }
+# meta-llama/Meta-Llama-3-70B config.json: the Llama-2-70b layer shapes with a 128,256-token vocabulary
+LLAMA_3_70B = {
+    **LLAMA_2_70B,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+BASES = {"Llama-2-70b": LLAMA_2_70B, "Llama-3-70B": LLAMA_3_70B}
 ALL_LINEAR_R64 = {"r": 64, "lora_alpha": 128, "target_modules": "all-linear"}
-TRAINABLE = 828_375_040
+TRAINABLE = 828_375_040  # both: 80 layers x 64 x (q, k, v, o, gate, up, down: in + out); lm_head left out
 MAX_RSS_MB = 600
 
 
-def _peft_count() -> ParamCount:
+def _peft_count(base: dict) -> ParamCount:
     """The baseline: PEFT's get_peft_model with low_cpu_mem_usage on a meta model built from the same config."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(meta_model(LLAMA_2_70B), LoraConfig(**ALL_LINEAR_R64), low_cpu_mem_usage=True)
+    peft_model = get_peft_model(meta_model(base), LoraConfig(**ALL_LINEAR_R64), low_cpu_mem_usage=True)
     return count_parameters(peft_model)
 
 
-def _estimate() -> ParamCount:
-    return estimate_lora_parameters(LLAMA_2_70B, ALL_LINEAR_R64)
-
-
-def test_70b_all_linear_estimate_vs_peft_on_meta(benchmark) -> None:
-    """Same count as PEFT, in a fraction of its time (target: at most half)."""
-    estimate, peft = _estimate(), _peft_count()  # also the warm-up of both paths
+@pytest.mark.parametrize("name", BASES)
+def test_70b_all_linear_estimate_vs_peft_on_meta(benchmark, name: str) -> None:
+    """Same count as PEFT, in a fraction of its time (target: at most 0.15x)."""
+    base = BASES[name]
+    estimate, peft = estimate_lora_parameters(base, ALL_LINEAR_R64), _peft_count(base)  # also the warm-up
     assert estimate == peft
     assert estimate.trainable == TRAINABLE
-    benchmark.group = "estimate: Llama-2-70b all-linear r=64, vs PEFT get_peft_model on meta"
-    benchmark.pedantic(_estimate, rounds=5, warmup_rounds=1)
-    ours = median_seconds(_estimate, repeat=5)
-    theirs = median_seconds(_peft_count, repeat=3)
+    benchmark.group = f"estimate: {name} all-linear r=64, vs PEFT get_peft_model on meta"
+    benchmark.pedantic(lambda: estimate_lora_parameters(base, ALL_LINEAR_R64), rounds=5, warmup_rounds=1)
+    if benchmark.disabled:
+        return
+    ours = median_seconds(lambda: estimate_lora_parameters(base, ALL_LINEAR_R64), repeat=5)
+    theirs = median_seconds(lambda: _peft_count(base), repeat=3)
     benchmark.extra_info.update(estimate_s=ours, peft_meta_s=theirs, ratio=ours / theirs, trainable=TRAINABLE)
-    print(f"\nestimate {ours * 1e3:.0f} ms, PEFT on meta {theirs * 1e3:.0f} ms: ratio {ours / theirs:.3f}")
+    print(f"\n{name}: estimate {ours * 1e3:.0f} ms, PEFT on meta {theirs * 1e3:.0f} ms: ratio {ours / theirs:.3f}")
 
 
 def test_70b_estimate_in_a_fresh_process_stays_under_600_mb() -> None:
