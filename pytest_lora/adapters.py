@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
+from pytest_lora.models import check_task_type
 
 _LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
 # What PEFT's LoRA can wrap; matching anything else (a norm, a whole block) fails deep inside PEFT.
@@ -348,6 +349,7 @@ class AdapterManager:
         self.detach()
         self.assert_clean("before attaching a new adapter")
         matched_modules(self.base, config)
+        check_task_type(self.base, config)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed if seed is None else seed)

@@ -94,7 +94,8 @@ def _timed_rounds(
     optimizer = torch.optim.AdamW(params, lr=lr)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     count = max(1, len(data.train) // batch_size)
-    batches = [data.train[order[i * batch_size : (i + 1) * batch_size]].to(device) for i in range(count)]
+    inputs = training.objective(model)
+    batches = [inputs(data.train[order[i * batch_size : (i + 1) * batch_size]].to(device)) for i in range(count)]
     step_index = itertools.count()
     seconds: list[float] = []
     last_loss: list[Any] = []
@@ -103,7 +104,7 @@ def _timed_rounds(
         start = time.perf_counter()
         for _ in range(steps_per_round):
             batch = batches[next(step_index) % count]
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = training.forward_loss(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,8 @@
 The run is plain PyTorch (AdamW on the adapter parameters), so what it measures is the
 model, not a trainer's machinery. It refuses to fall into the traps that make a LoRA run
 silently dead (bitsandbytes' CPU repack, gradients that never reach the adapters) and stops
-at the first non-finite loss, naming the step.
+at the first non-finite loss, naming the step. The objective follows the model's task
+(`objective`): the same token data trains a causal LM, a seq2seq LM or a classifier.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_lora.errors import TrainingError
 from pytest_lora.memory import measure_peak
-from pytest_lora.models import repacked_4bit_layers
+from pytest_lora.models import model_task, repacked_4bit_layers, unwrapped
 
 DEFAULT_STEPS = 40
 DEFAULT_LR = 1e-2
@@ -208,6 +209,64 @@ def _check_gradients(trainable: Mapping[str, Any], step: int) -> None:
         )
 
 
+Objective = Callable[[Any], dict[str, Any]]
+
+
+def objective(model: Any) -> Objective:
+    """The forward keywords for a batch of token ids `[b, seq_len]`, by the model's task.
+
+    - causal LM: the sequence is its own labels (the model shifts them);
+    - seq2seq LM: the encoder reads the first half, the decoder is trained to write the second half;
+    - classification: labels are a deterministic function of the tokens, learnable by attention. A
+      token's vocabulary bin is `id * num_labels // vocab_size`; a token is labelled with its bin, a
+      sequence with the mean bin of its tokens, rounded (with 2 labels: are most tokens in the upper
+      half of the vocabulary?). One label is a regression on the share of upper-half tokens; a
+      multi-label model gets the class one-hot.
+    """
+    task = model_task(model)
+    config = unwrapped(model).config
+    classes, vocab = int(config.num_labels), int(config.vocab_size)
+    problem = getattr(config, "problem_type", None)
+
+    def inputs(batch: Any) -> dict[str, Any]:
+        import torch
+
+        if task == "CAUSAL_LM":
+            return {"input_ids": batch, "labels": batch}
+        if task == "SEQ_2_SEQ_LM":
+            source, target = batch.tensor_split(2, dim=1)
+            return {"input_ids": source.contiguous(), "labels": target.contiguous()}
+        bins = batch * classes // vocab
+        if task == "TOKEN_CLS":
+            return {"input_ids": batch, "labels": bins}
+        if classes == 1 or problem == "regression":
+            return {"input_ids": batch, "labels": (batch * 2 // vocab).float().mean(1)}
+        labels = bins.float().mean(1).round().long()
+        if problem == "multi_label_classification":
+            labels = torch.nn.functional.one_hot(labels, classes).float()
+        return {"input_ids": batch, "labels": labels}
+
+    return inputs
+
+
+def forward_loss(model: Any, batch: Mapping[str, Any], step: int | None = None) -> Any:
+    """The loss of one batch (`objective`'s keywords); a forward that rejects them is a TrainingError with the fix."""
+    try:
+        return model(**batch).loss
+    except ValueError as exc:
+        fix = "check that the checkpoint suits its task (see Models in the README), or pass task= to load another"
+        if "padding token" in str(exc):
+            fix = (
+                "a decoder classifier reads the last non-padding token, so its config needs pad_token_id: "
+                "set it where the model is saved (e.g. to the tokenizer's pad or eos id)"
+            )
+        name, task = type(unwrapped(model)).__name__, model_task(model)
+        raise TrainingError(
+            f"{f'step {step}' if step else 'evaluation'}: {name} ({task}) rejected the objective's inputs: {exc}\n"
+            f"  fix: {fix}"
+        ) from exc
+
+
 def _mean_loss(model: Any, data: Any, batch_size: int, device: str) -> float:
     import torch
 
@@ -215,10 +274,11 @@ def _mean_loss(model: Any, data: Any, batch_size: int, device: str) -> float:
     model.eval()
     total = 0.0
     count = 0
+    inputs = objective(model)
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = data[start : start + batch_size].to(device)
-            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+            total += float(forward_loss(model, inputs(batch))) * len(batch)
             count += len(batch)
     model.train(was_training)
     return total / count
@@ -255,6 +315,7 @@ def train(
     base_state = {n: (p.data_ptr(), p._version) for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     eval_every = eval_every or max(1, steps // 8)
+    inputs = objective(model)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     val_losses: list[float] = []
@@ -271,7 +332,7 @@ def train(
             sync(device)
             started = time.perf_counter()
             try:
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = forward_loss(model, inputs(batch), step)
                 loss.backward()
             except UserWarning as exc:
                 raise TrainingError(
