@@ -20,10 +20,11 @@ import pytest
 
 from pytest_lora.assertions import LoraPolicyWarning
 from pytest_lora.errors import AdapterConfigError
-from pytest_lora.models import BUILTIN_MODEL, TINY_LLAMA_CONFIG, resolve_source
+from pytest_lora.models import resolve_source
 from pytest_lora.policy import Policy
 from pytest_lora.settings import PYPROJECT_TABLE, Settings
 from pytest_lora.state import MARKER, STATE
+from pytest_lora.zoo import zoo_entry
 
 CHECK_OPTION = "--lora-check"
 RESUME_OPTION = "--lora-resume-rank"
@@ -118,7 +119,7 @@ def check_base(policy: Policy, settings: Settings) -> tuple[Any, str]:
         return policy.base_model, policy.base_model
     source = resolve_source(settings.model)
     if source.kind == "builtin":
-        return TINY_LLAMA_CONFIG, BUILTIN_MODEL
+        return zoo_entry(source.location)[1].config, source.label
     return source.location, source.label
 
 

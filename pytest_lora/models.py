@@ -10,46 +10,27 @@ module costs nothing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_lora.errors import AdapterConfigError, ModelLoadError, SettingsError
 from pytest_lora.settings import TASKS
+from pytest_lora.zoo import BUILTIN_PREFIX, DEFAULT_ZOO_NAME, zoo_entry
+from pytest_lora.zoo import TINY_LLAMA_CONFIG as TINY_LLAMA_CONFIG  # re-exported: the default's config
+from pytest_lora.zoo import builtin_model_dir as builtin_model_dir  # re-exported: the loader's cache
+from pytest_lora.zoo import quiet_progress as _quiet_progress
 
 if TYPE_CHECKING:
     import torch
 
     from pytest_lora.settings import Settings
 
-BUILTIN_MODEL = "builtin:tiny-llama"
-
-# The built-in model: Llama architecture (q/k/v/o, gate/up/down, grouped-query attention),
-# small enough to load in well under a second on a CPU, with dimensions that are multiples
-# of bitsandbytes' 64-value quantization block.
-TINY_LLAMA_CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 192,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-6,
-}
-TINY_LLAMA_SEED = 0
+BUILTIN_MODEL = BUILTIN_PREFIX + DEFAULT_ZOO_NAME
 
 # Per task: the transformers auto class, its mapping of model_type -> class name, the task in words.
 _TASK_CLASSES = {
@@ -75,14 +56,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the base model comes from: `builtin`, `local` (a directory) or `hub` (an id)."""
+    """Where the base model comes from: `builtin` (`builtin:NAME`), `local` (a directory) or `hub` (an id)."""
 
     kind: str
     location: str
 
     @property
     def label(self) -> str:
-        return BUILTIN_MODEL if self.kind == "builtin" else self.location
+        return self.location
 
 
 @dataclass
@@ -98,16 +79,13 @@ class LoadedBase:
     task: str = "CAUSAL_LM"  # what the model was loaded for, one of settings.TASKS
 
 
-def default_cache_dir() -> Path:
-    """Per-user cache for the built-in model (XDG convention), overridable by `--lora-cache-dir`."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "pytest-lora"
-
-
 def resolve_source(spec: str | None) -> ModelSource:
-    """Tell a local directory from a hub id, failing early on a path that does not exist."""
-    if spec is None or spec == BUILTIN_MODEL:
+    """Tell a built-in model from a local directory and a hub id, failing early on a path that does not exist."""
+    if spec is None:
         return ModelSource("builtin", BUILTIN_MODEL)
+    if spec.startswith(BUILTIN_PREFIX):
+        name, _ = zoo_entry(spec)
+        return ModelSource("builtin", BUILTIN_PREFIX + name)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -128,54 +106,6 @@ def resolve_source(spec: str | None) -> ModelSource:
             "  fix: give an existing local model directory, or a hub id such as 'org/name'"
         )
     return ModelSource("hub", spec)
-
-
-def builtin_model_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """Write the built-in tiny model once (safetensors) and return its directory.
-
-    The directory name hashes the config, the seed and the transformers version, so a change
-    of any of them makes a new model rather than reusing a stale one. Writing goes through a
-    temporary directory and an atomic rename: parallel workers never see half a model.
-    """
-    import transformers
-
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = json.dumps([TINY_LLAMA_CONFIG, TINY_LLAMA_SEED, transformers.__version__], sort_keys=True)
-    target = root / f"tiny-llama-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (target / "config.json").is_file():
-        return target
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    root.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA_CONFIG.items() if k != "architectures"})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_LLAMA_SEED)
-        model = LlamaForCausalLM(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=root))
-    with _quiet_progress():
-        model.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another worker won the race: its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-@contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """transformers' progress bars (writing shards, loading weights) are noise in test output."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def resolve_device(device: str) -> str:
@@ -378,7 +308,9 @@ def load_base_model(settings: Settings) -> LoadedBase:
             f"  fix: download it where the network is allowed (`hf download {source.location} "
             "--local-dir ./models/NAME`) and pass --lora-model ./models/NAME"
         )
-    location = str(builtin_model_dir(settings.cache_dir)) if source.kind == "builtin" else source.location
+    location = source.location
+    if source.kind == "builtin":
+        location = str(builtin_model_dir(settings.cache_dir, source.location))
     silence_bitsandbytes_kernel_notice()
     import torch
     import transformers

@@ -429,7 +429,7 @@ def _option(
 OPTIONS: tuple[OptionSpec, ...] = (
     _option(
         "model",
-        "Base model: a Hugging Face hub id or a local directory",
+        "Base model: a Hugging Face hub id, a local directory or builtin:NAME (the built-in zoo)",
         shown_default="the built-in tiny model",
         marker=True,
         path="if_dir",
