@@ -324,7 +324,8 @@ def test_marker_unknown_keyword():
     assert message.startswith(f"@pytest.mark.lora on {NODE}: unknown keyword 'devise' = 'cpu'.")
     assert "Did you mean 'device'?" in message
     assert (
-        "Valid keywords: compute_dtype, device, double_quant, load_in_4bit, model, quant_type, seed, sweep." in message
+        "Valid keywords: compute_dtype, device, double_quant, load_in_4bit, model, quant_type, seed, sweep, task."
+        in message
     )
 
 
