@@ -15,11 +15,12 @@ import difflib
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_lora.base_state import BaseState, explain
 from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
 from pytest_lora.models import check_task_type
 
@@ -224,47 +225,6 @@ def _short_names(names: list[str]) -> str:
     return ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names)) or "(none)"
 
 
-@dataclass(frozen=True)
-class BaseSignature:
-    """Identity of a base model's structure: module objects, tensors, trainability, mode."""
-
-    modules: tuple[tuple[str, int], ...]
-    params: tuple[tuple[str, int, tuple[int, ...], str, bool], ...]
-    training: tuple[bool, ...]
-    peft_attrs: tuple[str, ...]
-
-    @classmethod
-    def of(cls, model: Any) -> BaseSignature:
-        modules = tuple((n, id(m)) for n, m in model.named_modules())
-        params = tuple(
-            (n, p.data_ptr(), tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()
-        )
-        training = tuple(m.training for _, m in model.named_modules())
-        attrs = tuple(a for a in ("peft_config", "_hf_peft_config_loaded") if getattr(model, a, None))
-        return cls(modules, params, training, attrs)
-
-    def differences(self, other: BaseSignature) -> list[str]:
-        """Human lines saying how `other` differs from this clean state."""
-        lines = []
-        mine, theirs = dict(self.modules), dict(other.modules)
-        added = [n for n in theirs if n not in mine]
-        if added:
-            lines.append(f"{len(added)} module(s) added, e.g. {added[0]!r}")
-        replaced = [n for n in mine if n in theirs and mine[n] != theirs[n]]
-        if replaced:
-            lines.append(f"{len(replaced)} module(s) replaced, e.g. {replaced[0]!r}")
-        removed = [n for n in mine if n not in theirs]
-        if removed:
-            lines.append(f"{len(removed)} module(s) removed, e.g. {removed[0]!r}")
-        if self.params != other.params and not lines:
-            lines.append("parameters changed (tensor replaced, dtype, or requires_grad)")
-        if self.training != other.training:
-            lines.append("train/eval mode changed")
-        if other.peft_attrs:
-            lines.append(f"PEFT attributes left on the base: {', '.join(other.peft_attrs)}")
-        return lines
-
-
 def weights_digest(model: Any) -> str:
     """SHA-256 of every parameter and buffer, 4-bit quantization constants included."""
     digest = hashlib.sha256()
@@ -318,75 +278,112 @@ def strip_adapters(model: Any) -> int:
 @dataclass
 class _Attachment:
     peft_model: Any
+    adapted: list[str]  # the base's module names the adapter wraps
     saved_base_params: dict[str, Any] = field(default_factory=dict)
+    owner: object = None  # who detaches it: a fixture's token, or None for direct `attach()` calls
 
 
 class AdapterManager:
-    """One adapter at a time on a shared base; `detach` restores the base exactly as loaded."""
+    """One adapter at a time on a shared base, and the guard that keeps the base as loaded.
 
-    def __init__(self, base: Any, seed: int = 0) -> None:
+    `detach` undoes what attaching and training did (adapter layers, trained `modules_to_save` /
+    bias weights, flags). `check` runs after every test: whatever else the test left on the base
+    (hooks, checkpointing, config, casts, merges, in-place writes, a forgotten adapter) is put
+    back, or the weights are reloaded through `reload`, and the test fails with the diagnosis.
+    """
+
+    def __init__(self, base: Any, seed: int = 0, reload: Callable[[], Any] | None = None) -> None:
         self.base = base
         self.seed = seed
-        self.clean = BaseSignature.of(base)
-        self._flags = [(p, p.requires_grad) for p in base.parameters()]
-        self._modes = [(m, m.training) for m in base.modules()]
+        self._reload = reload
+        self.clean = BaseState.take(base)
         self._active: _Attachment | None = None
+        self._merged: list[str] = []  # adapted layers that were merged when their adapter was detached
 
     @property
     def active(self) -> Any | None:
         return self._active.peft_model if self._active else None
 
-    def attach(self, config: Any, seed: int | None = None) -> Any:
+    def attach(self, config: Any, seed: int | None = None, owner: object = None) -> Any:
         """Validate `config` against the base, detach any previous adapter, attach, return the PeftModel.
 
         The adapter's random init (lora_A) is seeded (default: the manager's seed), so the same
-        config gives the same model.
+        config gives the same model. `owner` is the fixture that detaches it at teardown; a direct
+        call (None) must detach it itself, or the end-of-test check reports the leak.
         """
         import torch
         from peft import get_peft_model
 
         config = as_lora_config(config)
         self.detach()
-        self.assert_clean("before attaching a new adapter")
-        matched_modules(self.base, config)
+        self._refuse_foreign_adapters()
+        adapted = matched_modules(self.base, config)
         check_task_type(self.base, config)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed if seed is None else seed)
                 peft_model = get_peft_model(self.base, copy.deepcopy(config))
         except BaseException:
-            strip_adapters(self.base)  # PEFT may have wrapped part of the base before failing
-            self._restore_flags()
+            self.clean.restore(self.base)  # PEFT may have wrapped part of the base before failing
             raise
         saved = {
             name: param.detach().clone()
             for name, param in self.base.named_parameters()
             if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
         }
-        self._active = _Attachment(peft_model, saved)
+        self._active = _Attachment(peft_model, adapted, saved, owner)
         return peft_model
 
-    def detach(self) -> None:
-        """Remove the active adapter, if any, and put the base back exactly as it was."""
-        import torch
+    def detach(self, owner: object = None) -> None:
+        """Remove the active adapter, if any, and undo what it and its training did to the base.
 
-        attachment, self._active = self._active, None
-        if attachment is None:
+        With `owner`, only an adapter that owner attached: a fixture's teardown never hides an
+        adapter the test attached directly and forgot.
+        """
+        import torch
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        attachment = self._active
+        if attachment is None or (owner is not None and attachment.owner is not owner):
             return
+        self._active = None
+        merged = [
+            name for name, module in self.base.named_modules() if isinstance(module, BaseTunerLayer) and module.merged
+        ]
+        # merge_and_unload() leaves no adapter layer behind, only the adapted layers' new weights.
+        merged += [name for name in attachment.adapted if self._weight_rewritten(name)]
+        self._merged = list(dict.fromkeys([*self._merged, *merged]))
         # Not PeftModel.unload(): for modules_to_save it swaps in the *trained* copy, which would
         # leak one test's training into the next. Putting back the wrapped originals is exact.
         strip_adapters(self.base)
+        params = dict(self.base.named_parameters())
         with torch.no_grad():
-            params = dict(self.base.named_parameters())
             for name, saved in attachment.saved_base_params.items():
                 params[name].copy_(saved)
-        self._restore_flags()
+        self._restore_own_flags(attachment.saved_base_params)
 
-    def _restore_flags(self) -> None:
-        for param, flag in self._flags:
-            param.requires_grad_(flag)
-        for module, mode in self._modes:
-            module.training = mode
+    def _weight_rewritten(self, name: str) -> bool:
+        saved = self.clean.modules.get(name)
+        if saved is None or "weight" not in saved.attrs.get("_parameters", {}):
+            return False
+        weight = saved.tensors["_parameters.weight"]
+        return vars(saved.obj)["_parameters"].get("weight") is not weight.obj or weight.alias._version != weight.version
+
+    def _restore_own_flags(self, trained: Mapping[str, Any]) -> None:
+        """requires_grad of what PEFT unfroze (bias, modules_to_save) and train/eval modes, as loaded."""
+        params = dict(self.base.named_parameters())
+        self.clean.accept(params[name] for name in trained)
+        for name in trained:
+            params[name].requires_grad_(False)
+            params[name].grad = None
+        self.clean.restore_modes()
+
+    def _refuse_foreign_adapters(self) -> None:
+        """A `get_peft_model` on the base earlier in this test would stack under the new adapter."""
+        changes = [c for c in self.clean.changes(self.base) if c.kind == "adapter"]
+        if changes:
+            self.clean.restore(self.base)
+            raise BaseModelModifiedError(explain(changes, when="before attaching a new adapter"))
 
     @contextmanager
     def attached(self, config: Any) -> Iterator[Any]:
@@ -398,22 +395,35 @@ class AdapterManager:
             self.detach()
 
     def assert_clean(self, when: str) -> None:
-        """Fail, and repair the base, when something outside the manager changed it."""
-        now = BaseSignature.of(self.base)
-        if now == self.clean:
+        """Fail, after putting the base back, when it is not exactly as loaded (no adapter may be active)."""
+        leaked = self._active is not None
+        self.detach()
+        changes = self.clean.changes(self.base)
+        merged, self._merged = self._merged, []
+        self.clean.restore_modes()
+        if not (changes or leaked or merged):
             return
-        problems = self.clean.differences(now)
-        removed = strip_adapters(self.base)
-        self._restore_flags()
-        repaired = BaseSignature.of(self.base) == self.clean
-        raise BaseModelModifiedError(
-            f"the shared base model was modified outside pytest-lora's fixtures ({when}):\n  "
-            + "\n  ".join(problems)
-            + (
-                f"\n  most likely `get_peft_model(lora_base_model, ...)` in a test: PEFT wraps the base in place,"
-                f" so every later test would train stacked adapters. {removed} adapter layer(s) were removed"
-                + ("; the base is clean again." if repaired else "; the base could NOT be fully restored.")
+        written = self.clean.restore(self.base)
+        if written:
+            self._reload_weights()
+        raise BaseModelModifiedError(explain(changes, when=when, leaked=leaked, merged=merged, reloaded=bool(written)))
+
+    def _reload_weights(self) -> None:
+        """Weights written in place cannot be undone from the snapshot: load them again, into the same modules.
+
+        The module objects stay (tests and fixtures hold references to the base); everything else
+        they hold (parameters, buffers, quantization state, flags, config) becomes the fresh load's,
+        and the clean state is taken anew.
+        """
+        if self._reload is None:
+            raise BaseModelModifiedError(
+                "base tensors were written in place and this base has no way to reload them.\n"
+                "  fix: never write to the base's tensors; clone first"
             )
-            + "\n  fix: use the `lora_model(config)` factory (or `lora_adapters.attach(config)`), "
-            "which detaches at teardown"
-        )
+        fresh = dict(self._reload().named_modules())
+        for name, saved in self.clean.modules.items():
+            state = vars(saved.obj)
+            children = state["_modules"]
+            state.clear()
+            state.update(vars(fresh[name]), _modules=children)
+        self.clean = BaseState.take(self.base)

@@ -65,23 +65,27 @@ def lora_model(lora_session: LoraSession, lora_settings: Settings) -> Iterator[C
     is removed and the base is exactly as loaded, also when the test failed.
     """
     manager = lora_session.manager(lora_settings)
+    owner = object()
 
     def attach(config: Any) -> Any:
         __tracebackhide__ = True
-        return manager.attach(config, seed=lora_settings.seed)
+        return manager.attach(config, seed=lora_settings.seed, owner=owner)
 
     yield attach
-    manager.detach()
+    manager.detach(owner)
 
 
 @pytest.fixture
 def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Callable[..., Any]:
     """`lora_train(config_or_peft_model, steps=40, lr=1e-2, batch_size=8, seq_len=64, seed=None,
-    dataset=None, eval_every=None, weight_decay=0.0) -> TrainResult`: a short real training run.
+    dataset=None, eval_every=None, weight_decay=0.0, gradient_checkpointing=None) -> TrainResult`: a short
+    real training run.
 
     A config is attached first (and detached at teardown). Same seed, same losses, bit for bit
     on the CPU. `dataset`: token ids `[n, seq_len]`, a `(train, val)` pair, or dicts with
-    `input_ids`; default: the built-in learnable synthetic data.
+    `input_ids`; default: the built-in learnable synthetic data. `gradient_checkpointing` (default: the
+    setting, or `@pytest.mark.lora(gradient_checkpointing=True)`) trains with the QLoRA recipe for this
+    run only.
     """
     from pytest_lora import training
     from pytest_lora.memory import estimate_memory
@@ -98,6 +102,7 @@ def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Cal
         dataset: Any = None,
         eval_every: int | None = None,
         weight_decay: float = 0.0,
+        gradient_checkpointing: bool | None = None,
     ) -> training.TrainResult:
         __tracebackhide__ = True
         model = config_or_model if hasattr(config_or_model, "peft_config") else lora_model(config_or_model)
@@ -113,6 +118,9 @@ def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Cal
                 seed=seed,
                 eval_every=eval_every,
                 weight_decay=weight_decay,
+                gradient_checkpointing=(
+                    lora_settings.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+                ),
             ),
             what=f"lora_train (batch {batch_size} x seq {seq_len})",
             device=training.device_of(model),

@@ -364,6 +364,30 @@ def prepare_base(model: Any) -> None:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     model.eval()
+    settle_first_forward(model)
+
+
+def settle_first_forward(model: Any) -> None:
+    """Run the one-time changes the libraries make on a model's first forward pass, now.
+
+    bitsandbytes' `Linear4bit.forward` casts a layer's bias to the compute dtype in place on its
+    first call (Qwen2, OPT, GPT-2, BERT have biases; Llama has none). A production run sees the
+    same cast on its first step; doing it at load time makes it part of the state every test
+    starts from, instead of a change the first test would be blamed for.
+    """
+    import torch
+
+    inputs = getattr(model, "dummy_inputs", None)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in (inputs or {}).items()})
+    except Exception:  # a model that needs other inputs: make the one known change directly
+        for module in model.modules():
+            bias, dtype = getattr(module, "bias", None), getattr(module, "compute_dtype", None)
+            if hasattr(module, "compute_type_is_set") and bias is not None and dtype is not None:
+                bias.data = bias.data.to(dtype)
+                module.compute_type_is_set = True
 
 
 def repacked_4bit_layers(model: Any) -> list[str]:

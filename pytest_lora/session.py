@@ -62,7 +62,9 @@ class LoraSession:
                 raise
             self.loads[key] += 1
             self.bases[key] = loaded
-            self.managers[key] = AdapterManager(loaded.model, seed=settings.seed)
+            self.managers[key] = AdapterManager(
+                loaded.model, seed=settings.seed, reload=lambda: load_base_model(settings).model
+            )
             if self.settings.verify_base:
                 self.digests[key] = weights_digest(loaded.model)
         return self.bases[key]
@@ -74,14 +76,9 @@ class LoraSession:
         return self.managers[model_key(settings)]
 
     def check_clean(self, when: str) -> None:
-        """Every idle base is exactly as loaded; raises (after repairing) when one is not."""
+        """Every base is exactly as loaded, no adapter attached; raises (after repairing) when one is not."""
         for manager in self.managers.values():
-            if manager.active is None:
-                manager.assert_clean(when)
-
-    def detach_all(self) -> None:
-        for manager in self.managers.values():
-            manager.detach()
+            manager.assert_clean(when)
 
     def changed_bases(self) -> list[str]:
         """Labels of bases whose weights differ from the digest taken when they were loaded."""

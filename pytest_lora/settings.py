@@ -271,6 +271,7 @@ class Settings:
     trust_remote_code: bool = False
     allow_unsafe_pickle: bool = False
     verify_base: bool = False
+    gradient_checkpointing: bool = False
     peak_tflops: float | None = None
     report: str | None = None
     sweep: tuple[int, ...] | None = None
@@ -484,6 +485,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "verify_base",
         "Check after every test that the shared base model's weights are unchanged",
         is_flag=True,
+    ),
+    _option(
+        "gradient_checkpointing",
+        "Train with the QLoRA recipe (gradient checkpointing, input grads, use_cache off), undone after each run",
+        is_flag=True,
+        marker=True,
     ),
     _option(
         "peak_tflops",

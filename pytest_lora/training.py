@@ -13,7 +13,8 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,6 +268,40 @@ def forward_loss(model: Any, batch: Mapping[str, Any], step: int | None = None) 
         ) from exc
 
 
+@contextmanager
+def qlora_recipe(model: Any) -> Iterator[None]:
+    """What `prepare_model_for_kbit_training` does, for one run on the shared base, undone afterwards.
+
+    16-bit weights outside the 4-bit layers upcast to fp32, gradient checkpointing (non-reentrant,
+    as PEFT now recommends), gradients on the input embeddings, `use_cache` off. The base is
+    shared by every test, so the state before the run is put back when it ends, even on failure.
+    """
+    import torch
+
+    from pytest_lora.base_state import BaseState
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise TrainingError(
+            f"gradient_checkpointing=True, but {type(inner).__name__} does not support gradient checkpointing.\n"
+            "  fix: drop gradient_checkpointing for this model (its memory estimate then keeps every activation)"
+        )
+    state = BaseState.take(inner)
+    try:
+        if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
+            quantized = ("Params4bit", "Int8Params")
+            for param in inner.parameters():
+                half = param.dtype in (torch.float16, torch.bfloat16)
+                if half and not param.requires_grad and type(param).__name__ not in quantized:
+                    param.data = param.data.float()
+        inner.config.use_cache = False
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner.enable_input_require_grads()
+        yield
+    finally:
+        state.restore(inner)
+
+
 def _mean_loss(model: Any, data: Any, batch_size: int, device: str) -> float:
     import torch
 
@@ -294,13 +329,38 @@ def train(
     seed: int = 0,
     eval_every: int | None = None,
     weight_decay: float = 0.0,
+    gradient_checkpointing: bool = False,
 ) -> TrainResult:
     """Train the model's trainable (adapter) parameters for `steps` AdamW steps on `data.train`.
 
     Deterministic on the CPU: the seed fixes batch order and dropout; the global RNG is left as
     it was. Validation loss is measured every `eval_every` steps (default: 8 times per run) and
-    after the last step.
+    after the last step. `gradient_checkpointing` runs under `qlora_recipe`.
     """
+    with qlora_recipe(model) if gradient_checkpointing else nullcontext():
+        return _train(
+            model,
+            data,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            eval_every=eval_every,
+            weight_decay=weight_decay,
+        )
+
+
+def _train(
+    model: Any,
+    data: TokenData,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    eval_every: int | None,
+    weight_decay: float,
+) -> TrainResult:
     import torch
 
     check_run_args(steps=steps, lr=lr, batch_size=batch_size, n_train=len(data.train))

@@ -214,12 +214,12 @@ def test_one_load_per_session_and_isolation_after_a_failure(lora_pytester: pytes
         CONFIG
         + """
 import pytest
-from pytest_lora.adapters import BaseSignature
+from pytest_lora.base_state import BaseState
 
 CLEAN = {}
 
 def test_0_record_clean_base(lora_session, lora_base_model):
-    CLEAN["sig"] = BaseSignature.of(lora_base_model)
+    CLEAN["state"] = BaseState.take(lora_base_model)
 
 @pytest.mark.parametrize("i", range(4))
 def test_1_fails_midway(lora_train, i):
@@ -227,7 +227,7 @@ def test_1_fails_midway(lora_train, i):
     raise RuntimeError(f"boom {i} after {len(result.losses)} steps")
 
 def test_2_base_is_clean_again(lora_base_model):
-    assert BaseSignature.of(lora_base_model) == CLEAN["sig"]
+    assert CLEAN["state"].changes(lora_base_model) == []
     assert not any("lora" in name for name, _ in lora_base_model.named_modules())
     assert not hasattr(lora_base_model, "peft_config")
 """
@@ -256,8 +256,9 @@ def test_b_next_test_gets_a_clean_base(lora_base_model, lora_model):
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
         [
-            "*BaseModelModifiedError: the shared base model was modified outside pytest-lora's fixtures*",
-            "*get_peft_model(lora_base_model, ...)*the base is clean again.",
+            "*BaseModelModifiedError: the shared base model was left changed (after *test_a_stray_wrap):",
+            "*PEFT adapter layers were left on the base: `get_peft_model(lora_base_model, ...)`*",
+            "*pytest-lora restored the base exactly, so the next test gets it as loaded",
         ]
     )
 

@@ -223,7 +223,7 @@ def test_a_bad_task_value_stops_the_session(lora_pytester: pytest.Pytester) -> N
     result = lora_pytester.runpytest("--lora-task", "seq2seq")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["*--lora-task: task = 'seq2seq' is not one of auto, CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS; use one of those*"]
+        ["*--lora-task: task = 'seq2seq' is not one of auto, CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS; use one*"]
     )
 
 

@@ -116,3 +116,40 @@ def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
     ours = statistics.median(fixture_run() for _ in range(3))
     benchmark.extra_info.update(hand_tokens_per_s=hand, lora_train_tokens_per_s=ours, ratio=ours / hand)
     print(f"\ntokens/s: lora_train {ours:,.0f}, hand loop {hand:,.0f}: ratio {ours / hand:.3f}")
+
+
+def test_per_test_state_check_vs_attach_detach_and_training(benchmark, lora_session, lora_train):
+    """The whole-state check after every test costs a sliver of an attach + detach and of a 10-step run.
+
+    Issue 9's bounds: under 10% of an attach + detach on the tiny model, under 2% of a 10-step `lora_train`.
+    """
+    manager = lora_session.manager()
+    config = lora_config(8)
+
+    def check() -> None:
+        manager.assert_clean("benchmark")
+
+    def attach_detach() -> None:
+        manager.attach(config)
+        manager.detach()
+
+    def train_10() -> None:
+        lora_train(config, steps=10, eval_every=10)
+        manager.detach()
+
+    benchmark.group = "core: per-test base-state check"
+    benchmark.pedantic(check, rounds=20, warmup_rounds=2)
+    checked = median_seconds(check, repeat=50)
+    attach = median_seconds(attach_detach, repeat=7)
+    trained = median_seconds(train_10, repeat=3)
+    benchmark.extra_info.update(
+        check_s=checked,
+        attach_detach_s=attach,
+        train_10_s=trained,
+        check_over_attach=checked / attach,
+        check_over_train=checked / trained,
+    )
+    print(
+        f"\nstate check {checked * 1e3:.2f} ms; attach+detach {attach * 1e3:.1f} ms (ratio {checked / attach:.3f}); "
+        f"10-step lora_train {trained * 1e3:.0f} ms (ratio {checked / trained:.4f})"
+    )

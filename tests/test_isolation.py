@@ -1,0 +1,204 @@
+"""The shared base behaves for every test as if freshly loaded, whatever the tests before it did.
+
+Each leak scenario is a test that changes the shared base the way real tests do (a hook, the QLoRA
+recipe by hand, `use_cache`, an in-place write, a forgotten adapter, a merge, a stray
+`get_peft_model`), followed by a probe that compares the whole base with a second, fresh load
+(tests/_probe.py). In every order, also under pytest-randomly, every probe passes and every leaky
+test fails by name with the true diagnosis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import lora_config
+
+pytestmark = pytest.mark.lora
+
+CONFIG = "from peft import LoraConfig\nCFG = LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])\n"
+PROBE = (Path(__file__).parent / "_probe.py").read_text()
+
+# name -> (the leaky test's body, the diagnosis line it must fail with)
+LEAKS = {
+    "hook": (
+        "lora_base_model.model.layers[0].register_forward_hook(lambda *args: None)",
+        "*hooks registered on the base were not removed*model.layers.0: 1 forward hook(s) added",
+    ),
+    "checkpointing": (
+        "lora_base_model.gradient_checkpointing_enable()",
+        "*gradient checkpointing was switched on*",
+    ),
+    "kbit_recipe": (
+        "from peft import prepare_model_for_kbit_training\n    prepare_model_for_kbit_training(lora_base_model)",
+        "*enable_input_require_grads() left its embedding hook*model.embed_tokens: * forward hook(s) added",
+    ),
+    "use_cache": (
+        "lora_base_model.config.use_cache = False",
+        "*the model config was changed: config: use_cache = False (was True)",
+    ),
+    "in_place": (
+        "import torch\n    with torch.no_grad():\n        lora_base_model.model.norm.weight.mul_(2)",
+        "*base tensors were written in place*model.norm.weight: written in place (1x)",
+    ),
+    "attach_no_detach": (
+        "lora_adapters.attach(CFG)",
+        "*an adapter attached with `lora_adapters.attach(config)` was still attached when the test ended",
+    ),
+    "merge": (
+        "lora_model(CFG).merge_adapter()",
+        "*merge_adapter() / merge_and_unload() wrote the adapter into the base's weights (8 layer(s)*",
+    ),
+    "stray_wrap": (
+        "from peft import get_peft_model\n    get_peft_model(lora_base_model, CFG)",
+        "*PEFT adapter layers were left on the base*",
+    ),
+}
+
+
+def _leak_file(order: list[str], golden: list[float]) -> str:
+    """Each leak followed by a probe, and a golden-loss test whose verdict must not depend on the order."""
+    body = CONFIG + (
+        f"\n\ndef test_golden_losses(lora_train):\n"
+        f"    assert lora_train(CFG, steps=3, batch_size=4, seq_len=32).losses == {golden!r}\n"
+    )
+    for i, name in enumerate(order):
+        code, _ = LEAKS[name]
+        body += (
+            f"\n\ndef test_{i:02d}_leak_{name}(lora_base_model, lora_adapters, lora_model, lora_train):\n    {code}\n"
+            f"\n\ndef test_{i:02d}_probe_after_{name}(probe):\n    probe()\n"
+        )
+    return body
+
+
+@pytest.fixture
+def leak_pytester(lora_pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)  # the orders below are the test's to choose
+    lora_pytester.makeconftest(PROBE)
+    return lora_pytester
+
+
+@pytest.fixture
+def golden(lora_train) -> list[float]:
+    """The losses of a short run on the clean base, from the outer session's own base."""
+    return lora_train(lora_config(8), steps=3, batch_size=4, seq_len=32).losses
+
+
+def _assert_each_leak_named(result: pytest.RunResult) -> None:
+    result.assert_outcomes(passed=2 * len(LEAKS) + 1, errors=len(LEAKS))
+    for name, (_, diagnosis) in LEAKS.items():
+        result.stdout.fnmatch_lines([f"*ERROR at teardown of test_*_leak_{name}*", diagnosis])
+    errors = [line for line in result.outlines if line.startswith("ERROR ")]
+    assert len(errors) == len(LEAKS) and not any("probe" in line for line in errors), errors
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_each_leak_is_undone_and_named_in_both_orders(
+    leak_pytester: pytest.Pytester, golden: list[float], order: str
+) -> None:
+    names = list(LEAKS) if order == "forward" else list(reversed(LEAKS))
+    leak_pytester.makepyfile(_leak_file(names, golden))
+    result = leak_pytester.runpytest("-p", "no:randomly")
+    _assert_each_leak_named(result)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_each_leak_is_undone_under_random_orders(
+    leak_pytester: pytest.Pytester, golden: list[float], seed: int
+) -> None:
+    pytest.importorskip("pytest_randomly")
+    leak_pytester.makepyfile(_leak_file(list(LEAKS), golden))
+    result = leak_pytester.runpytest("-p", "randomly", f"--randomly-seed={seed}")
+    _assert_each_leak_named(result)
+
+
+def test_qlora_recipe_gives_the_same_losses_and_is_undone(lora_session, lora_train) -> None:
+    """Gradient checkpointing recomputes activations: same seed, same losses; the base is as before after."""
+    manager = lora_session.manager()
+    plain = lora_train(lora_config(8), steps=4, batch_size=4, seq_len=32)
+    manager.detach()
+    checkpointed = lora_train(lora_config(8), steps=4, batch_size=4, seq_len=32, gradient_checkpointing=True)
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-6)
+    assert checkpointed.val_losses == pytest.approx(plain.val_losses, rel=1e-6, abs=1e-6)
+    assert checkpointed.base_unchanged
+    manager.detach()
+    assert manager.clean.changes(manager.base) == []
+    assert not manager.base.is_gradient_checkpointing and manager.base.config.use_cache
+
+
+def test_qlora_recipe_by_marker_and_legit_changes_pass(leak_pytester: pytest.Pytester) -> None:
+    """What fixtures do on purpose (bias and modules_to_save training, train mode, the recipe) is no leak."""
+    leak_pytester.makepyfile(
+        CONFIG
+        + """
+import pytest
+from peft import LoraConfig
+
+@pytest.mark.lora(gradient_checkpointing=True)
+def test_recipe_by_marker(lora_train):
+    seen = []
+    model = lora_train(CFG, steps=1, batch_size=4, seq_len=32).model
+    assert not model.get_base_model().is_gradient_checkpointing  # undone when the run ended
+
+def test_bias_and_modules_to_save_train(lora_train):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], bias="all", modules_to_save=["lm_head"])
+    result = lora_train(cfg, steps=2, batch_size=4, seq_len=32)
+    result.model.train()
+    assert result.changed_lora
+
+def test_with_attached_detaches(lora_adapters, lora_base_model):
+    lora_base_model.train()
+    with lora_adapters.attached(CFG) as model:
+        assert model.get_nb_trainable_parameters()[0] == 7168
+
+def test_probe(probe):
+    probe()
+"""
+    )
+    result = leak_pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 checkpoint: q/k/v projections with biases, as in the real Qwen2."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-qwen2")
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("spelling", ["space", "equals"])
+def test_training_a_model_with_4bit_biases_leaves_the_base_clean(
+    leak_pytester: pytest.Pytester, tiny_qwen2: Path, spelling: str
+) -> None:
+    """bitsandbytes casts a Linear4bit bias to the compute dtype on the first forward: settled at load time."""
+    leak_pytester.makepyfile(
+        CONFIG
+        + """
+def test_train(lora_train, lora_base_model):
+    assert any(m.bias is not None for m in lora_base_model.modules() if type(m).__name__ == "Linear4bit")
+    assert lora_train(CFG, steps=2, batch_size=4, seq_len=32).base_unchanged
+
+def test_train_again(lora_train):
+    assert lora_train(CFG, steps=2, batch_size=4, seq_len=32).base_unchanged
+
+def test_probe(probe):
+    probe()
+"""
+    )
+    option = ["--lora-model", str(tiny_qwen2)] if spelling == "space" else [f"--lora-model={tiny_qwen2}"]
+    result = leak_pytester.runpytest("-p", "no:randomly", *option)
+    result.assert_outcomes(passed=3)
