@@ -343,6 +343,7 @@ def load_base_model(settings: Settings) -> LoadedBase:
         raise ModelLoadError(_explain_load_failure(source, settings, exc)) from exc
     elapsed = time.perf_counter() - start
     prepare_base(model)
+    settle_problem_type(model)
     placement = device
     if device_map == "auto":
         placement = "sharded over " + ", ".join(
@@ -388,6 +389,19 @@ def settle_first_forward(model: Any) -> None:
             if hasattr(module, "compute_type_is_set") and bias is not None and dtype is not None:
                 bias.data = bias.data.to(dtype)
                 module.compute_type_is_set = True
+
+
+def settle_problem_type(model: Any) -> None:
+    """Set a sequence classifier's `config.problem_type` as its first training forward would.
+
+    transformers' `*ForSequenceClassification.forward` writes the problem type it infers from the
+    labels into the config when none is set; on a shared base that write would be blamed on the first
+    test. The inference is the library's: one label is a regression, integer labels (what pytest-lora's
+    objective and a classification dataset give) a single-label classification.
+    """
+    config = model.config
+    if model_task(model) == "SEQ_CLS" and getattr(config, "problem_type", None) is None:
+        config.problem_type = "regression" if config.num_labels == 1 else "single_label_classification"
 
 
 def repacked_4bit_layers(model: Any) -> list[str]:

@@ -79,6 +79,7 @@ def test_flag_and_marker_options():
         "trust_remote_code",
         "allow_unsafe_pickle",
         "verify_base",
+        "gradient_checkpointing",
     }
     assert {s.name for s in OPTIONS if s.marker} == {
         "model",
@@ -90,6 +91,7 @@ def test_flag_and_marker_options():
         "double_quant",
         "seed",
         "sweep",
+        "gradient_checkpointing",
     }
 
 
@@ -324,8 +326,8 @@ def test_marker_unknown_keyword():
     assert message.startswith(f"@pytest.mark.lora on {NODE}: unknown keyword 'devise' = 'cpu'.")
     assert "Did you mean 'device'?" in message
     assert (
-        "Valid keywords: compute_dtype, device, double_quant, load_in_4bit, model, quant_type, seed, sweep, task."
-        in message
+        "Valid keywords: compute_dtype, device, double_quant, gradient_checkpointing, load_in_4bit, model, quant_type, "
+        "seed, sweep, task." in message
     )
 
 

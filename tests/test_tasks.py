@@ -153,6 +153,8 @@ def test_a_bert_classifier_loads_its_class_with_a_trainable_head(lora_session, l
     model = loaded.model
     assert loaded.task == "SEQ_CLS" and type(model).__name__ == "BertForSequenceClassification"
     assert type(model.classifier) is torch.nn.Linear, "the head PEFT trains must stay out of 4-bit"
+    # what the first training forward would write into the shared config, settled at load
+    assert model.config.problem_type == "single_label_classification"
     assert type(model.bert.encoder.layer[0].attention.self.query).__name__ == "Linear4bit"
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
     from_config = estimate_lora_parameters(ZOO["tiny-bert-cls"].config, config)
