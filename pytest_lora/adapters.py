@@ -22,6 +22,7 @@ from typing import Any
 
 from pytest_lora.base_state import BaseState, Change, explain
 from pytest_lora.errors import AdapterConfigError, BaseModelModifiedError
+from pytest_lora.models import check_task_type
 
 _BIAS_MODES = ("none", "all", "lora_only")
 # Inits that leave the base untouched and need no data: others (PiSSA, OLoRA, CorDA, LoftQ, EVA, ...)
@@ -399,6 +400,7 @@ class AdapterManager:
         self.detach()
         self._refuse_foreign_adapters()
         adapted = matched_modules(self.base, config)
+        check_task_type(self.base, config)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed if seed is None else seed)

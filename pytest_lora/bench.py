@@ -94,11 +94,15 @@ def _timed_rounds(
     optimizer = torch.optim.AdamW(params, lr=lr)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     count = max(1, len(data.train) // batch_size)
-    batches = [data.train[order[i * batch_size : (i + 1) * batch_size]].to(device) for i in range(count)]
-    if data.train_labels is None:
-        targets = batches
-    else:
-        targets = [data.train_labels[order[i * batch_size : (i + 1) * batch_size]].to(device) for i in range(count)]
+    inputs = training.objective(model)
+    labels = data.train_labels
+    batches = [
+        inputs(
+            data.train[order[i * batch_size : (i + 1) * batch_size]].to(device),
+            None if labels is None else labels[order[i * batch_size : (i + 1) * batch_size]].to(device),
+        )
+        for i in range(count)
+    ]
     step_index = itertools.count()
     seconds: list[float] = []
     last_loss: list[Any] = []
@@ -106,8 +110,8 @@ def _timed_rounds(
     def one_round() -> None:
         start = time.perf_counter()
         for _ in range(steps_per_round):
-            index = next(step_index) % count
-            loss = model(input_ids=batches[index], labels=targets[index]).loss
+            batch = batches[next(step_index) % count]
+            loss = training.forward_loss(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,9 @@
 """Loading the base model: the built-in tiny Llama, a local directory or a hub id, in 4-bit.
 
 Every model, the built-in one included, goes through the same `from_pretrained` +
-`BitsAndBytesConfig` path, so what the tests exercise is what a production run loads.
+`BitsAndBytesConfig` path, so what the tests exercise is what a production run loads. The
+model's task (causal LM, seq2seq LM, sequence or token classification) picks the auto class:
+from the checkpoint's `architectures`, or the `task` setting.
 torch, transformers and bitsandbytes are imported inside the functions: importing this
 module costs nothing.
 """
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_lora.errors import ModelLoadError, SettingsError
+from pytest_lora.errors import AdapterConfigError, ModelLoadError, SettingsError
+from pytest_lora.settings import TASKS
 from pytest_lora.zoo import BUILTIN_PREFIX, DEFAULT_ZOO_NAME, zoo_entry
 from pytest_lora.zoo import TINY_LLAMA_CONFIG as TINY_LLAMA_CONFIG  # re-exported: the default's config
 from pytest_lora.zoo import builtin_model_dir as builtin_model_dir  # re-exported: the loader's cache
@@ -28,6 +31,25 @@ if TYPE_CHECKING:
     from pytest_lora.settings import Settings
 
 BUILTIN_MODEL = BUILTIN_PREFIX + DEFAULT_ZOO_NAME
+
+# Per task: the transformers auto class, its mapping of model_type -> class name, the task in words.
+_TASK_CLASSES = {
+    "CAUSAL_LM": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "causal LM"),
+    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "seq2seq LM"),
+    "SEQ_CLS": (
+        "AutoModelForSequenceClassification",
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+        "sequence classification",
+    ),
+    "TOKEN_CLS": (
+        "AutoModelForTokenClassification",
+        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+        "token classification",
+    ),
+}
+# The heads PEFT trains through `modules_to_save` for SEQ_CLS / TOKEN_CLS. They stay out of 4-bit:
+# PEFT cannot make a packed uint8 weight trainable (peft#1720 gives the same workaround).
+CLASSIFIER_HEADS = ("classifier", "score")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -54,6 +76,7 @@ class LoadedBase:
     quantization: str
     load_seconds: float
     placement: str = ""  # the device, or how the weights were sharded over several GPUs
+    task: str = "CAUSAL_LM"  # what the model was loaded for, one of settings.TASKS
 
 
 def resolve_source(spec: str | None) -> ModelSource:
@@ -149,8 +172,12 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def quantization_config(settings: Settings) -> Any:
-    """The `BitsAndBytesConfig` for the settings, or None for a 16-bit base."""
+def quantization_config(settings: Settings, task: str = "CAUSAL_LM") -> Any:
+    """The `BitsAndBytesConfig` for the settings, or None for a 16-bit base.
+
+    A classifier keeps its head (`CLASSIFIER_HEADS`) in the compute dtype, as a QLoRA classification
+    run must: PEFT trains that head through `modules_to_save`.
+    """
     if not settings.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
@@ -160,7 +187,114 @@ def quantization_config(settings: Settings) -> Any:
         bnb_4bit_quant_type=settings.quant_type,
         bnb_4bit_compute_dtype=_dtype(settings.compute_dtype),
         bnb_4bit_use_double_quant=settings.double_quant,
+        llm_int8_skip_modules=list(CLASSIFIER_HEADS) if task in ("SEQ_CLS", "TOKEN_CLS") else None,
     )
+
+
+def task_classes(config: Any) -> dict[str, str]:
+    """The class transformers (or the checkpoint's own code, `auto_map`) has for each task of this config."""
+    from transformers.models.auto import modeling_auto
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    offered = {}
+    for task, (auto_class, mapping, _) in _TASK_CLASSES.items():
+        name = getattr(modeling_auto, mapping).get(config.model_type) or auto_map.get(auto_class)
+        if name:
+            offered[task] = str(name).rsplit(".", 1)[-1]
+    return offered
+
+
+def choose_task(config: Any, requested: str, where: str) -> str:
+    """The task to load: `requested`, or with "auto" the one the checkpoint's `architectures` names.
+
+    A config without `architectures` is taken for the first task its model_type has (causal LM
+    first, as transformers' own pipelines do). A task the model type has no class for, or an
+    architecture none of the tasks loads (e.g. a masked LM), is a ModelLoadError with the choices.
+    """
+    offered = task_classes(config)
+    architectures = list(getattr(config, "architectures", None) or [])
+    task = requested
+    if requested == "auto":
+        by_class = {name: task for task, name in offered.items()}
+        found = [by_class[arch] for arch in architectures if arch in by_class]
+        if found:
+            task = found[0]
+        elif not architectures and offered:
+            task = next(iter(offered))
+    if task in offered:
+        return task
+    raise ModelLoadError(_task_problem(config, requested, offered, where))
+
+
+def _task_problem(config: Any, requested: str, offered: dict[str, str], where: str) -> str:
+    """Why no class loads: the model type has none of the tasks, the checkpoint's head is none, or the asked one."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    choices = ", ".join(f"{t} ({name})" for t, name in offered.items())
+    loads = ", ".join(words for _, _, words in _TASK_CLASSES.values())
+    if not offered:
+        return (
+            f"{where}: transformers {_transformers_version()} has no {loads} class for model_type "
+            f"{config.model_type!r} (architectures: {', '.join(architectures) or 'none'}); those are the tasks "
+            "pytest-lora loads.\n"
+            "  fix: use a checkpoint of one of those kinds; the adapter configs of this model can still be "
+            "checked statically (estimate_lora_parameters, --lora-check)"
+        )
+    example = next(iter(offered))
+    how = f'--lora-task {example}, task = "{example}" in [tool.pytest_lora], or @pytest.mark.lora(task="{example}")'
+    if requested == "auto":
+        return (
+            f"{where}: its architecture {', '.join(architectures)} is none of the tasks pytest-lora loads "
+            f"({loads}).\n"
+            f"  transformers has for model_type {config.model_type!r}: {choices}\n"
+            f"  fix: say which task to fine-tune, e.g. {how}; a head the checkpoint lacks is initialised fresh"
+        )
+    return (
+        f"{where}: task {requested}: transformers {_transformers_version()} has no "
+        f"{_TASK_CLASSES[requested][2]} class for model_type {config.model_type!r}.\n"
+        f"  it has: {choices}\n"
+        f'  fix: set the task to one of those ({how}), or task = "auto" to follow the checkpoint\'s architectures'
+    )
+
+
+def model_task(model: Any) -> str:
+    """The task a model (or a PeftModel's base) is built for, from its class: what the objective follows.
+
+    From the class, not from `LoraConfig.task_type`, which can be left None or set wrong.
+    """
+    base = unwrapped(model)
+    name = type(base).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM"
+
+
+def check_task_type(model: Any, config: Any) -> None:
+    """`LoraConfig.task_type` names the model's own task, or none: PEFT's wrapper for another task crashes on
+    the model (CAUSAL_LM on a classifier has no generation hooks) or saves an adapter for the wrong class.
+
+    Task types pytest-lora does not load (FEATURE_EXTRACTION, QUESTION_ANS) are left to PEFT.
+    """
+    declared = getattr(config.task_type, "value", config.task_type)
+    task = model_task(model)
+    if declared not in TASKS or declared == task:
+        return
+    head = " (PEFT then trains the classifier head too, through modules_to_save)" if task.endswith("_CLS") else ""
+    raise AdapterConfigError(
+        f"LoraConfig.task_type = {declared!r} does not fit the base model, a {type(unwrapped(model)).__name__} "
+        f"({task}): PEFT's {declared} wrapper expects another kind of model.\n"
+        f"  fix: task_type={task!r}{head}, or load the base for {declared} (--lora-task {declared}, or "
+        f'@pytest.mark.lora(task="{declared}"))'
+    )
+
+
+def unwrapped(model: Any) -> Any:
+    """The transformers model under a PeftModel (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def load_base_model(settings: Settings) -> LoadedBase:
@@ -179,7 +313,7 @@ def load_base_model(settings: Settings) -> LoadedBase:
         location = str(builtin_model_dir(settings.cache_dir, source.location))
     silence_bitsandbytes_kernel_notice()
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     share_cpu_between_workers()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -190,25 +324,32 @@ def load_base_model(settings: Settings) -> LoadedBase:
         "use_safetensors": None if settings.allow_unsafe_pickle else True,
         "local_files_only": source.kind != "hub",
     }
-    quant = quantization_config(settings)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    else:
-        kwargs["dtype"] = _dtype(settings.compute_dtype)
+    where = f"--lora-model {settings.model or source.label}"
     start = time.perf_counter()
     try:
+        config = transformers.AutoConfig.from_pretrained(
+            location, trust_remote_code=settings.trust_remote_code, local_files_only=source.kind != "hub"
+        )
+        task = choose_task(config, settings.task, where)
+        quant = quantization_config(settings, task)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        else:
+            kwargs["dtype"] = _dtype(settings.compute_dtype)
+        auto_class = getattr(transformers, _TASK_CLASSES[task][0])
         with _quiet_progress():
-            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            model = auto_class.from_pretrained(location, config=config, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(_explain_load_failure(source, settings, exc)) from exc
     elapsed = time.perf_counter() - start
     prepare_base(model)
+    settle_problem_type(model)
     placement = device
     if device_map == "auto":
         placement = "sharded over " + ", ".join(
             f"cuda:{i} ({torch.cuda.memory_allocated(i) / 2**30:.1f} GiB)" for i in range(cuda_count)
         )
-    return LoadedBase(model, source, device, settings.quantization_label(), elapsed, placement)
+    return LoadedBase(model, source, device, settings.quantization_label(), elapsed, placement, task)
 
 
 def prepare_base(model: Any) -> None:
@@ -248,6 +389,19 @@ def settle_first_forward(model: Any) -> None:
             if hasattr(module, "compute_type_is_set") and bias is not None and dtype is not None:
                 bias.data = bias.data.to(dtype)
                 module.compute_type_is_set = True
+
+
+def settle_problem_type(model: Any) -> None:
+    """Set a sequence classifier's `config.problem_type` as its first training forward would.
+
+    transformers' `*ForSequenceClassification.forward` writes the problem type it infers from the
+    labels into the config when none is set; on a shared base that write would be blamed on the first
+    test. The inference is the library's: one label is a regression, integer labels (what pytest-lora's
+    objective and a classification dataset give) a single-label classification.
+    """
+    config = model.config
+    if model_task(model) == "SEQ_CLS" and getattr(config, "problem_type", None) is None:
+        config.problem_type = "regression" if config.num_labels == 1 else "single_label_classification"
 
 
 def repacked_4bit_layers(model: Any) -> list[str]:

@@ -19,6 +19,7 @@ from pytest_lora.settings import Settings
 
 _MODEL_KEYS = (
     "model",
+    "task",
     "device",
     "load_in_4bit",
     "quant_type",

@@ -34,6 +34,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 PYPROJECT_TABLE = "tool.pytest_lora"
+# The model tasks pytest-lora loads and trains, by PEFT's `TaskType` names (what `LoraConfig.task_type` takes).
+TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS")
 
 # --- validation helpers shared with pytest_lora.policy -----------------------------------------------
 
@@ -256,6 +258,7 @@ class Settings:
     """
 
     model: str | None = None
+    task: str = "auto"
     device: str = "auto"
     require_gpu: bool = False
     load_in_4bit: bool = True
@@ -431,6 +434,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
         shown_default="the built-in tiny model",
         marker=True,
         path="if_dir",
+    ),
+    _option(
+        "task",
+        "What the base model is loaded and trained for: auto (from the checkpoint's architectures), "
+        + ", ".join(TASKS),
+        _one_of("auto", *TASKS),
+        marker=True,
     ),
     _option("device", "Device for the base model: auto, cpu, cuda or cuda:N", _device, marker=True),
     _option("require_gpu", "Fail instead of skipping GPU-only tests when no GPU is usable", is_flag=True),

@@ -3,7 +3,8 @@
 The run is plain PyTorch (AdamW on the adapter parameters), so what it measures is the
 model, not a trainer's machinery. It refuses to fall into the traps that make a LoRA run
 silently dead (bitsandbytes' CPU repack, gradients that never reach the adapters) and stops
-at the first non-finite loss, naming the step.
+at the first non-finite loss, naming the step. The objective follows the model's task
+(`objective`): the same token data trains a causal LM, a seq2seq LM or a classifier.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_lora.errors import TrainingError
 from pytest_lora.memory import measure_peak
-from pytest_lora.models import repacked_4bit_layers
+from pytest_lora.models import model_task, repacked_4bit_layers, unwrapped
 
 DEFAULT_STEPS = 40
 DEFAULT_LR = 1e-2
@@ -220,6 +221,74 @@ def _check_gradients(trainable: Mapping[str, Any], step: int) -> None:
         )
 
 
+Objective = Callable[..., dict[str, Any]]  # (token ids, labels or None) -> the forward's keywords
+
+
+def objective(model: Any) -> Objective:
+    """The forward keywords for a batch of token ids `[b, seq_len]`, by the model's task.
+
+    - causal LM: the sequence is its own labels (the model shifts them);
+    - seq2seq LM: the encoder reads the first half, the decoder is trained to write the second half;
+    - classification: labels are a deterministic function of the tokens, learnable by attention. A
+      token's vocabulary bin is `id * num_labels // vocab_size`; a token is labelled with its bin, a
+      sequence with the mean bin of its tokens, rounded (with 2 labels: are most tokens in the upper
+      half of the vocabulary?). One label is a regression on the share of upper-half tokens; a
+      multi-label model gets the class one-hot.
+    """
+    task = model_task(model)
+    config = unwrapped(model).config
+    classes, vocab = int(config.num_labels), int(config.vocab_size)
+    problem = getattr(config, "problem_type", None)
+
+    def inputs(batch: Any, labels: Any = None) -> dict[str, Any]:
+        import torch
+
+        if task == "CAUSAL_LM":  # text data brings its own labels: -100 where no loss is taken (prompts)
+            return {"input_ids": batch, "labels": batch if labels is None else labels}
+        if task == "SEQ_2_SEQ_LM":
+            source, target = batch.tensor_split(2, dim=1)
+            return {"input_ids": source.contiguous(), "labels": target.contiguous()}
+        bins = batch * classes // vocab
+        if task == "TOKEN_CLS":
+            return {"input_ids": batch, "labels": bins}
+        if classes == 1 or problem == "regression":
+            return {"input_ids": batch, "labels": (batch * 2 // vocab).float().mean(1)}
+        labels = bins.float().mean(1).round().long()
+        if problem == "multi_label_classification":
+            labels = torch.nn.functional.one_hot(labels, classes).float()
+        return {"input_ids": batch, "labels": labels}
+
+    return inputs
+
+
+def _loss_weight(task: str, labels: Any) -> int:
+    """How many targets a batch's mean loss averages over: labelled tokens (a causal LM predicts from the
+    second on), else sequences. Weighting by it makes a split's loss the mean per target."""
+    if task == "CAUSAL_LM":
+        return int((labels[:, 1:] != -100).sum())
+    if task in ("SEQ_2_SEQ_LM", "TOKEN_CLS"):
+        return int((labels != -100).sum())
+    return len(labels)
+
+
+def forward_loss(model: Any, batch: Mapping[str, Any], step: int | None = None) -> Any:
+    """The loss of one batch (`objective`'s keywords); a forward that rejects them is a TrainingError with the fix."""
+    try:
+        return model(**batch).loss
+    except ValueError as exc:
+        fix = "check that the checkpoint suits its task (see Models in the README), or pass task= to load another"
+        if "padding token" in str(exc):
+            fix = (
+                "a decoder classifier reads the last non-padding token, so its config needs pad_token_id: "
+                "set it where the model is saved (e.g. to the tokenizer's pad or eos id)"
+            )
+        name, task = type(unwrapped(model)).__name__, model_task(model)
+        raise TrainingError(
+            f"{f'step {step}' if step else 'evaluation'}: {name} ({task}) rejected the objective's inputs: {exc}\n"
+            f"  fix: {fix}"
+        ) from exc
+
+
 @contextmanager
 def qlora_recipe(model: Any) -> Iterator[None]:
     """What `prepare_model_for_kbit_training` does, for one run on the shared base, undone afterwards.
@@ -265,13 +334,14 @@ def _mean_loss(model: Any, data: Any, batch_size: int, device: str, labels: Any 
     model.eval()
     total = 0.0
     count = 0
+    inputs, task = objective(model), model_task(model)
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = data[start : start + batch_size].to(device)
-            target = batch if labels is None else labels[start : start + batch_size].to(device)
-            targets = int((target[:, 1:] != -100).sum())
-            total += float(model(input_ids=batch, labels=target).loss) * targets
-            count += targets
+            kwargs = inputs(batch, None if labels is None else labels[start : start + batch_size].to(device))
+            weight = _loss_weight(task, kwargs["labels"])
+            total += float(forward_loss(model, kwargs)) * weight
+            count += weight
     model.train(was_training)
     return total / count
 
@@ -340,6 +410,7 @@ def _train(
     base_state = {n: (p.data_ptr(), p._version) for n, p in model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     eval_every = eval_every or max(1, steps // 8)
+    inputs = objective(model)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     val_losses: list[float] = []
@@ -353,11 +424,11 @@ def _train(
         for step in range(1, steps + 1):
             rows = order[torch.arange((step - 1) * batch_size, step * batch_size) % len(order)]
             batch = data.train[rows].to(device)
-            labels = batch if data.train_labels is None else data.train_labels[rows].to(device)
+            labels = None if data.train_labels is None else data.train_labels[rows].to(device)
             sync(device)
             started = time.perf_counter()
             try:
-                loss = model(input_ids=batch, labels=labels).loss
+                loss = forward_loss(model, inputs(batch, labels), step)
                 loss.backward()
             except UserWarning as exc:
                 raise TrainingError(

@@ -62,7 +62,7 @@ def test_specs_match_settings_fields():
 
 def test_defaults():
     s = Settings()
-    assert (s.model, s.device, s.require_gpu, s.load_in_4bit) == (None, "auto", False, True)
+    assert (s.model, s.task, s.device, s.require_gpu, s.load_in_4bit) == (None, "auto", "auto", False, True)
     assert (s.quant_type, s.compute_dtype, s.double_quant, s.seed) == ("nf4", "bfloat16", True, 0)
     assert s.trust_remote_code is s.allow_unsafe_pickle is s.verify_base is False
     assert s.policy is s.cache_dir is s.peak_tflops is s.report is s.sweep is None
@@ -79,9 +79,11 @@ def test_flag_and_marker_options():
         "trust_remote_code",
         "allow_unsafe_pickle",
         "verify_base",
+        "gradient_checkpointing",
     }
     assert {s.name for s in OPTIONS if s.marker} == {
         "model",
+        "task",
         "device",
         "load_in_4bit",
         "quant_type",
@@ -89,6 +91,7 @@ def test_flag_and_marker_options():
         "double_quant",
         "seed",
         "sweep",
+        "gradient_checkpointing",
     }
 
 
@@ -323,7 +326,8 @@ def test_marker_unknown_keyword():
     assert message.startswith(f"@pytest.mark.lora on {NODE}: unknown keyword 'devise' = 'cpu'.")
     assert "Did you mean 'device'?" in message
     assert (
-        "Valid keywords: compute_dtype, device, double_quant, load_in_4bit, model, quant_type, seed, sweep." in message
+        "Valid keywords: compute_dtype, device, double_quant, gradient_checkpointing, load_in_4bit, model, quant_type, "
+        "seed, sweep, task." in message
     )
 
 
