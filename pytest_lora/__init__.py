@@ -41,6 +41,7 @@ from pytest_lora.memory import MemoryEstimate, estimate_memory
 from pytest_lora.memory_check import assert_fits_memory
 from pytest_lora.models import BUILTIN_MODEL
 from pytest_lora.policy import Policy, SweepRule, load_policy
+from pytest_lora.recipe import MemoryRecipe
 from pytest_lora.training import TrainResult, synthetic_data
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "LoraError",
     "LoraPolicyWarning",
     "MemoryEstimate",
+    "MemoryRecipe",
     "ModelLoadError",
     "OverfitRule",
     "OverfitVerdict",

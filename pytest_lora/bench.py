@@ -25,6 +25,7 @@ from pytest_lora.errors import LoraError, TrainingError
 from pytest_lora.flops import mfu, peak_flops, step_flops
 from pytest_lora.memory import measure_peak, memory_breakdown
 from pytest_lora.memory_check import run_oom_checked
+from pytest_lora.recipe import MemoryRecipe
 from pytest_lora.report import RUN_PROPERTY, RunRecord
 from pytest_lora.session import LoraSession
 from pytest_lora.settings import Settings
@@ -36,6 +37,9 @@ DEFAULT_STEPS_PER_ROUND = 4
 DEFAULT_ROUNDS = 5
 DEFAULT_WARMUP_ROUNDS = 1
 DEFAULT_LR = 1e-4
+# What `_timed_rounds` runs, for the rank table's estimate: torch AdamW on the adapter as attached; the
+# model's own checkpointing, attention and device. Its allocated peak is what "peak mem" measures on CUDA.
+BENCH_RECIPE = MemoryRecipe(optimizer="adamw")
 
 
 def config_label(model: Any, shape: ModelShape) -> str:
@@ -181,7 +185,7 @@ def lora_benchmark(
         label = config_label(model, shape)
         if benchmark.group is None:
             benchmark.group = label
-        estimate = memory_breakdown(shape, batch_size=batch_size, seq_len=seq_len)
+        estimate = memory_breakdown(shape, batch_size=batch_size, seq_len=seq_len, recipe=BENCH_RECIPE)
         seconds, peak_bytes, scope = run_oom_checked(
             lambda: _timed_rounds(
                 benchmark,

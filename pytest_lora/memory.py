@@ -7,6 +7,7 @@ per-run peak. Where that is not possible the number is the process' lifetime pea
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_lora.recipe import ADAPTER_DTYPES, OPTIMIZERS, MemoryRecipe, master_weights_error
 from pytest_lora.shapes import ModelShape, QuantLayout, dtype_bytes, model_shape
 
 
@@ -68,9 +70,26 @@ def measure_peak(device: str) -> Iterator[PeakMemory]:
 # --- estimate from shapes ---------------------------------------------------------------------------
 
 GIB = 2**30
-OPTIMIZER_STATE_BYTES: dict[str, int] = {"adamw": 8, "adam": 8, "adamw_8bit": 2, "sgd": 0}
+# The CUDA context: the driver's state and the kernels it loaded, outside PyTorch's allocator (so
+# never in `torch.cuda.max_memory_allocated`, always in nvidia-smi). About 400 MB with CUDA >= 11.7's
+# lazy module loading (ptrblck, pytorch/pytorch#109888; 426 MiB measured on an RTX 6000 Ada in
+# unslothai/unsloth-zoo#1053); 287 MB bare and 667 MB with every kernel loaded (pytorch/pytorch#86509).
+CUDA_CONTEXT_BYTES = 400 * 2**20
 _CODE_BYTES = 16 * 4  # the 4-bit code book (nf4 / fp4: 16 fp32 values), one per layer
 _NESTED_CODE_BYTES = 256 * 4 + 4  # double quant: its 8-bit code book (256 fp32) and the fp32 offset
+_BNB_MIN_8BIT = 4096  # bitsandbytes `min_8bit_size`: smaller tensors keep 32-bit optimizer state
+_BNB_STATE_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 absmax per 256 values
+_BNB_MIN_PAGED = 100_000  # bitsandbytes pages only state buffers of at least 1e5 elements
+# LoRA inputs that are one tensor (Llama-family module names): without a cast or dropout each adapter
+# keeps that same tensor, counted once. o_proj's input is the attention kernel's own saved output.
+_INPUT_SITE = {
+    "q_proj": "attention input",
+    "k_proj": "attention input",
+    "v_proj": "attention input",
+    "gate_proj": "mlp input",
+    "up_proj": "mlp input",
+    "o_proj": "attention output",
+}
 
 
 def format_bytes(count: float) -> str:
@@ -83,7 +102,12 @@ def format_bytes(count: float) -> str:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak memory of a LoRA training step, part by part, in bytes (see `estimate_memory`)."""
+    """Peak memory of a LoRA training step, part by part, in bytes (see `estimate_memory`).
+
+    `total` is the allocated peak (what `torch.cuda.max_memory_allocated` reports); `device_total`
+    adds what a GPU holds beyond it (the allocator's reserve, the CUDA context) and is what must fit.
+    `recipe` is the recipe as priced, every "as the model is" choice resolved.
+    """
 
     base_4bit: int
     quant_constants: int
@@ -96,9 +120,21 @@ class MemoryEstimate:
     workspace: int
     batch_size: int
     seq_len: int
-    gradient_checkpointing: bool
-    optimizer: str
     lora_params: int
+    recipe: MemoryRecipe
+    master_weights: int = 0
+    optimizer_paged: int = 0  # the part of optimizer_state in paged (unified) memory: evictable, not in the peak
+    not_at_once: int = 0  # with checkpointing: the smaller of the recomputed layer and the logits
+    allocator_reserve: int = 0
+    cuda_context: int = 0
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self.recipe.gradient_checkpointing)
+
+    @property
+    def optimizer(self) -> str:
+        return self.recipe.optimizer
 
     @property
     def resident(self) -> int:
@@ -107,75 +143,234 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """The allocated peak: every tensor alive at the step's peak (paged optimizer state excluded)."""
         return (
             self.resident
             + self.lora_weights
+            + self.master_weights
             + self.lora_grads
             + self.optimizer_state
+            - self.optimizer_paged
             + self.activations
             + self.logits
             + self.workspace
+            - self.not_at_once
         )
+
+    @property
+    def device_total(self) -> int:
+        """What the device must hold: the allocated peak, the allocator's reserve and the CUDA context."""
+        return self.total + self.allocator_reserve + self.cuda_context
 
     def lines(self) -> list[str]:
         """The breakdown, one part a line, for failure messages and reports."""
-        checkpointing = "with" if self.gradient_checkpointing else "without"
-        parts = (
+        recipe = self.recipe
+        adapter = ADAPTER_DTYPES[str(recipe.adapter_dtype)]
+        copies = (
+            f" + autocast's {recipe.autocast} copy"
+            if recipe.autocast and recipe.autocast != recipe.adapter_dtype
+            else ""
+        )
+        checkpointing = (
+            "with gradient checkpointing: layer inputs + one layer recomputed"
+            if recipe.gradient_checkpointing
+            else "without gradient checkpointing"
+        )
+        attention = (
+            "eager attention keeps the T x T probabilities" if recipe.attention == "eager" else "fused attention"
+        )
+        parts = [
             ("base 4-bit weights", self.base_4bit, "0.5 B/param"),
             ("quantization constants", self.quant_constants, "absmax per 64-value block (+ double quant)"),
             ("unquantized layers", self.base_unquantized, "embeddings, lm_head, norms at their dtype"),
-            ("LoRA weights", self.lora_weights, f"{self.lora_params:,} params x 4 B (fp32)"),
-            ("LoRA gradients", self.lora_grads, "4 B/param"),
-            ("optimizer state", self.optimizer_state, f"{self.optimizer}"),
+            (
+                "LoRA weights",
+                self.lora_weights,
+                f"{self.lora_params:,} params x {adapter} B ({recipe.adapter_dtype}){copies}",
+            ),
+        ]
+        if self.master_weights:
+            parts.append(("fp32 master weights", self.master_weights, "4 B/param, updated by the optimizer"))
+        parts += [
+            ("LoRA gradients", self.lora_grads, f"{adapter} B/param"),
+            ("optimizer state", self.optimizer_state, _optimizer_text(recipe.optimizer, self.optimizer_paged)),
             (
                 "activations",
                 self.activations,
-                f"batch {self.batch_size} x seq {self.seq_len}, {checkpointing} gradient checkpointing",
+                f"batch {self.batch_size} x seq {self.seq_len}, {checkpointing}; {attention}",
             ),
             ("logits", self.logits, "batch x seq x vocab, fp32 for the loss"),
             ("workspace", self.workspace, "largest 4-bit weight dequantized"),
-        )
+        ]
+        if self.not_at_once:
+            parts.append(
+                (
+                    "not at once",
+                    -self.not_at_once,
+                    "checkpointing frees the logits before any layer is recomputed: the larger counts",
+                )
+            )
         lines = [f"  {name:<24}{format_bytes(size):>12}   ({how})" for name, size, how in parts]
-        lines.append(f"  {'estimated peak':<24}{format_bytes(self.total):>12}")
+        if self.device_total != self.total:
+            lines.append(f"  {'allocated peak':<24}{format_bytes(self.total):>12}   (torch.cuda.max_memory_allocated)")
+            device = (
+                (
+                    "allocator reserve",
+                    self.allocator_reserve,
+                    "blocks of the other phase, kept by the caching allocator",
+                ),
+                ("CUDA context", self.cuda_context, "driver and kernels, outside the allocator"),
+            )
+            lines += [f"  {name:<24}{format_bytes(size):>12}   ({how})" for name, size, how in device if size]
+        lines.append(f"  {'estimated peak':<24}{format_bytes(self.device_total):>12}")
         return lines
 
 
-def activation_bytes_per_token(shape: ModelShape, *, gradient_checkpointing: bool) -> float:
-    """Bytes kept for backward per token: every layer from the first adapted one on, the final norm.
+def _optimizer_text(name: str, paged: int) -> str:
+    state = OPTIMIZERS[name]
+    what = {
+        "adam": "two moments, "
+        + ("8-bit block-wise" if state.bits == 8 else "at the weights' dtype" if state.param_dtype else "fp32"),
+        "sgd": "no state",
+        "adafactor": "factored second moment: row + column means, fp32",
+    }[state.kind]
+    if paged:
+        what += f"; {format_bytes(paged)} paged, evicted to CPU RAM under pressure: not in the peak"
+    return f"{name}: {what}"
 
-    Per layer (c = activation element size; a frozen linear keeps nothing, it needs no weight gradient):
-    the two RMSNorms keep their fp32 input (2 x 4h); each adapter keeps its input upcast to fp32 (4 d_in,
-    PEFT runs adapters in fp32), the rank-r middle (4r), and its dropout mask when dropout > 0 (1 B on
-    CUDA, 4 B on the CPU); attention keeps q, k, v, its output (c (2w + 2w_kv)) and the log-sum-exp,
-    eager attention also the T x T probabilities; a gated MLP keeps the gate, its activation and up
-    (3c i), a plain one its pre-activation (c i). This is Korthikanti et al. 2022 (34 s b h per layer
-    for full training) without the inputs kept only for weight gradients. Checkpointing keeps each
-    layer's input (c h) and one layer's set while it is recomputed. An adapter PEFT folds into a fused
-    MoE weight keeps the inputs of that weight instead (c d_in per active expert), for its gradient.
+
+def _resolve_recipe(shape: ModelShape, recipe: MemoryRecipe) -> MemoryRecipe:
+    """`recipe` with its "as the model is" choices read from `shape` (the device stays as given).
+
+    adapter_dtype: the attached adapter's, else float32 (PEFT upcasts); gradient_checkpointing: the
+    model's; attention: "eager" when the config says so, else "sdpa".
     """
+    adapter_dtype = recipe.adapter_dtype or shape.adapter_dtype or "float32"
+    if recipe.master_weights and adapter_dtype == "float32":
+        raise master_weights_error()
+    return dataclasses.replace(
+        recipe,
+        adapter_dtype=adapter_dtype,
+        gradient_checkpointing=(
+            shape.gradient_checkpointing if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
+        ),
+        attention=recipe.attention or ("eager" if shape.eager_attention else "sdpa"),
+    )
+
+
+def _step_device(shape: ModelShape, recipe: MemoryRecipe) -> str:
+    """Where the step runs: the recipe's device, else the loaded model's.
+
+    "meta" is a skeleton planned for an accelerator: 1-byte dropout masks and paged optimizer state
+    as on CUDA, but not the context and allocator reserve that only `device="cuda"` adds.
+    """
+    return shape.device if recipe.device == "auto" else recipe.device
+
+
+def optimizer_state_bytes(shape: ModelShape, recipe: MemoryRecipe, device: str) -> tuple[int, int]:
+    """(optimizer state bytes, the part of it in paged memory) for the adapters' A and B matrices.
+
+    torch AdamW: two moments at the weights' dtype (the fp32 master's with master weights);
+    bitsandbytes: fp32 moments, or 8-bit ones (1 B each plus an fp32 absmax per 256 values) for
+    tensors of 4,096 elements or more; paged variants put buffers of 1e5+ elements in unified memory
+    (not on the CPU, where bitsandbytes falls back to plain buffers). SGD without momentum keeps
+    nothing; Adafactor (HF) one fp32 row and one column vector per matrix.
+    """
+    state = OPTIMIZERS[str(recipe.optimizer)]
+    weight = 4 if recipe.master_weights else ADAPTER_DTYPES[str(recipe.adapter_dtype)]
+    total = paged = 0
+    for linear in shape.adapted:
+        for rows, cols in ((linear.r, linear.in_features), (linear.out_features, linear.r)):
+            n = rows * cols
+            if state.kind == "adafactor":
+                total += 4 * (rows + cols)
+                continue
+            if state.kind == "sgd":
+                continue
+            if state.bits == 8 and n >= _BNB_MIN_8BIT:
+                moments, extra = 2 * n, 2 * 4 * -(-n // _BNB_STATE_BLOCK)
+            else:
+                moments, extra = 2 * n * (weight if state.param_dtype else 4), 0
+            total += moments + extra
+            if state.paged and device != "cpu" and n >= _BNB_MIN_PAGED:
+                paged += moments
+    return total, paged
+
+
+def _layer_bytes(shape: ModelShape, layer: int, recipe: MemoryRecipe, device: str, seq_len: int, first: bool) -> float:
+    """Bytes per token that decoder layer `layer` keeps for backward (see `activation_bytes_per_token`)."""
     c = shape.activation_bytes
-    norms = 2 * 4 * shape.hidden_size
-    attention = c * (2 * shape.attention_width + 2 * shape.kv_width) + 4 * shape.n_heads
-    mlp = (3 if shape.gated_mlp else 1) * c * shape.intermediate_size
-    dropout_mask = shape.dropout_mask_bytes if shape.lora_dropout > 0 else 0
-    per_layer: list[float] = []
-    for layer in range(shape.n_layers):
-        if not shape.in_backward(layer):
+    k = ADAPTER_DTYPES[str(recipe.autocast or recipe.adapter_dtype)]  # what the adapters compute in
+    mask = k if device == "cpu" else 1
+    eager = recipe.attention == "eager"
+    norm = 4 * shape.hidden_size + 4
+    total: float = norm if first else 2 * norm
+    if eager:
+        probabilities = (4 + (c if c != 4 else 0)) * shape.n_heads * seq_len
+        total += 3 * c * shape.attention_width + probabilities
+    else:
+        total += c * (2 * shape.attention_width + 2 * shape.kv_width) + 4 * shape.n_heads
+    total += (3 if shape.gated_mlp else 1) * c * shape.intermediate_size
+    sites: set[str] = set()
+    for linear in shape.adapted:
+        if linear.layer != layer:
             continue
-        adapters = sum(
-            c * linear.active * linear.in_features
-            if linear.folded
-            else (4 + dropout_mask) * linear.in_features + 4 * linear.r
-            for linear in shape.adapted
-            if linear.layer == layer
-        )
-        per_layer.append(norms + attention + mlp + adapters)
+        if linear.folded:  # PEFT folds it into the fused MoE weight: the weight's inputs are kept instead
+            total += c * linear.active * linear.in_features
+            continue
+        site = _INPUT_SITE.get(linear.name.rsplit(".", 1)[-1])
+        total += k * linear.r
+        if shape.lora_dropout > 0:
+            # dropout keeps its mask only for an input that needs a gradient: not the first layer's q/k/v
+            needs_grad = not (first and site == "attention input")
+            total += (k + (mask if needs_grad else 0)) * linear.in_features
+            continue
+        if k != c:
+            total += k * linear.in_features
+            continue
+        if site in sites or (site == "attention output" and not eager):
+            continue
+        if site is not None:
+            sites.add(site)
+        total += c * linear.in_features
+    return total
+
+
+def activation_bytes_per_token(
+    shape: ModelShape, recipe: MemoryRecipe, device: str, seq_len: int
+) -> tuple[float, float]:
+    """(bytes kept for backward per token, the largest single layer's share of them), `recipe` resolved.
+
+    This is Korthikanti et al. 2022 (34 s b h per layer for full training) without the inputs kept
+    only for weight gradients, checked tensor by tensor against what autograd saves (tests). Per layer
+    from the first adapted one on (c = activation element size, k = the adapters' compute element
+    size, r the rank; a frozen linear keeps nothing, it needs no weight gradient): each RMSNorm its
+    fp32 input and a per-token fp32 rsqrt (4h + 4; the first backward layer's input norm sees no
+    gradient and keeps nothing); fused attention (SDPA, flash) q, k, v, its output and the log-sum-exp
+    (c (2w + 2w_kv) + 4 heads), eager attention q and the GQA-repeated k, v (3 c w) and the T x T
+    probabilities (fp32 softmax output, and its cast to c when c is 16-bit); a gated MLP the gate, its
+    activation and up (3 c i), a plain one its pre-activation (c i). Each adapter keeps its rank-r
+    middle (k r) and its input: its own dropout output (k in) and mask (1 B on CUDA, k on the CPU)
+    with dropout; its own cast (k in) when it computes in another dtype than the activations; else the
+    module's input itself, one tensor for q/k/v and one for gate/up, and nothing for o_proj beside a
+    fused attention, whose saved output it is. In the first backward layer the q/k/v inputs need no
+    gradient, so their dropout keeps no mask. Checkpointing keeps each backward layer's input (c h)
+    and one layer's set while it is recomputed; then the final norm (4h + 4). Not modelled: a first
+    layer adapted only in its MLP or o_proj keeps less than counted (its attention block needs no
+    gradient): a few % on a 4-layer model, a fraction of that on a real one.
+    """
+    first = shape.first_adapted_layer
+    per_layer = [
+        _layer_bytes(shape, layer, recipe, device, seq_len, layer == first)
+        for layer in range(shape.n_layers)
+        if shape.in_backward(layer)
+    ]
     if not per_layer:
-        return 0.0
-    final_norm = 4 * shape.hidden_size
-    if gradient_checkpointing:
-        return len(per_layer) * c * shape.hidden_size + max(per_layer) + final_norm
-    return sum(per_layer) + final_norm
+        return 0.0, 0.0
+    final_norm = 4 * shape.hidden_size + 4
+    if recipe.gradient_checkpointing:
+        return len(per_layer) * shape.activation_bytes * shape.hidden_size + max(per_layer) + final_norm, max(per_layer)
+    return sum(per_layer) + final_norm, max(per_layer)
 
 
 def folded_weight_bytes(shape: ModelShape, *, gradient_checkpointing: bool) -> int:
@@ -194,25 +389,15 @@ def folded_weight_bytes(shape: ModelShape, *, gradient_checkpointing: bool) -> i
     return max(per_layer.values()) if gradient_checkpointing else sum(per_layer.values())
 
 
-def eager_attention_bytes(shape: ModelShape, seq_len: int) -> float:
-    """Per token, per backward layer: the T x T probabilities eager attention keeps (softmax and its input)."""
-    return 2 * shape.activation_bytes * shape.n_heads * seq_len if shape.eager_attention else 0.0
-
-
 def memory_breakdown(
-    shape: ModelShape,
-    *,
-    batch_size: int,
-    seq_len: int,
-    gradient_checkpointing: bool = False,
-    optimizer: str = "adamw",
+    shape: ModelShape, *, batch_size: int, seq_len: int, recipe: MemoryRecipe | None = None
 ) -> MemoryEstimate:
     """`estimate_memory` on an already read `ModelShape`: pure arithmetic."""
-    if optimizer not in OPTIMIZER_STATE_BYTES:
-        raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be an int >= 1")
+    recipe = _resolve_recipe(shape, recipe or MemoryRecipe())
+    device = _step_device(shape, recipe)
     packed = constants = 0
     quant = shape.quant
     for linear in shape.linears:
@@ -225,27 +410,37 @@ def memory_breakdown(
         else:
             constants += 4 * blocks + _CODE_BYTES
     lora = shape.lora_params
+    adapter = ADAPTER_DTYPES[str(recipe.adapter_dtype)]
+    autocast_copy = (
+        ADAPTER_DTYPES[recipe.autocast] if recipe.autocast and recipe.autocast != recipe.adapter_dtype else 0
+    )
     tokens = batch_size * seq_len
-    backward_layers = sum(1 for layer in range(shape.n_layers) if shape.in_backward(layer))
-    eager = eager_attention_bytes(shape, seq_len) * (1 if gradient_checkpointing else backward_layers)
-    activations = tokens * (activation_bytes_per_token(shape, gradient_checkpointing=gradient_checkpointing) + eager)
-    activations += folded_weight_bytes(shape, gradient_checkpointing=gradient_checkpointing)
+    kept, layer = activation_bytes_per_token(shape, recipe, device, seq_len)
+    logits = 12 * tokens * shape.vocab_size if lora else 0
+    not_at_once = min(int(tokens * layer), logits) if recipe.gradient_checkpointing else 0
+    state, paged = optimizer_state_bytes(shape, recipe, device)
     largest = max((linear.params for linear in shape.linears if linear.quantized), default=0) if quant else 0
+    on_cuda = device == "cuda"
     return MemoryEstimate(
         base_4bit=packed,
         quant_constants=constants,
         base_unquantized=shape.unquantized_bytes,
-        lora_weights=4 * lora,
-        lora_grads=4 * lora,
-        optimizer_state=OPTIMIZER_STATE_BYTES[optimizer] * lora,
-        activations=int(activations),
-        logits=12 * tokens * shape.vocab_size if lora else 0,
+        lora_weights=(adapter + autocast_copy) * lora,
+        lora_grads=adapter * lora,
+        optimizer_state=state,
+        activations=int(tokens * kept)
+        + folded_weight_bytes(shape, gradient_checkpointing=bool(recipe.gradient_checkpointing)),
+        logits=logits,
         workspace=largest * quant.compute_bytes if quant else 0,
         batch_size=batch_size,
         seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        optimizer=optimizer,
         lora_params=lora,
+        recipe=recipe,
+        master_weights=4 * lora if recipe.master_weights else 0,
+        optimizer_paged=paged,
+        not_at_once=not_at_once,
+        allocator_reserve=not_at_once if on_cuda else 0,
+        cuda_context=CUDA_CONTEXT_BYTES if on_cuda else 0,
     )
 
 
@@ -276,9 +471,14 @@ def estimate_memory(
     *,
     batch_size: int,
     seq_len: int,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = None,
     optimizer: str = "adamw",
     quant: QuantLayout | None = DEFAULT_QUANT,
+    adapter_dtype: str | None = None,
+    master_weights: bool = False,
+    autocast: str | None = None,
+    attention: str | None = None,
+    device: str = "auto",
 ) -> MemoryEstimate:
     """Peak memory of one LoRA training step of `base` with adapter `config`, from shapes alone.
 
@@ -286,21 +486,34 @@ def estimate_memory(
     a model on the meta device, a transformers config, a dict of config fields, or a local directory /
     hub id with a config.json: anything but a loaded model is built on the meta device, no weights.
     `quant` says how such a skeleton is stored (default: nf4, double quant, bf16 compute; None: 16-bit);
-    a loaded model's own layout is read from its weights.
+    a loaded model's own layout is read from its weights. The other keywords are the recipe (see
+    `MemoryRecipe`; a bad name raises ValueError): what the step's memory depends on besides shapes.
 
     The parts (QLoRA, Dettmers et al. 2023): nf4 weights at 0.5 B/param; their fp32 absmax per
     64-value block (0.5 bit/param) or, with double quant, 8-bit absmax plus one fp32 constant per 256
     blocks (~0.127 bit/param), and each layer's code books; unquantized layers (embeddings, lm_head,
-    norms) at their dtype; LoRA weights and gradients in fp32 (PEFT upcasts adapters), optimizer state
-    (AdamW: two fp32 moments, 8 B/param); activations (see `activation_bytes_per_token`); logits at
+    norms) at their dtype; LoRA weights and gradients at the adapters' dtype (PEFT upcasts to fp32 by
+    default), an fp32 master copy if asked, the optimizer state (`optimizer_state_bytes`; paged state is
+    reported but evictable, so not in the peak); activations (`activation_bytes_per_token`); logits at
     12 B per batch x seq x vocab value (the fp32 log-probabilities kept for backward, and their gradient
-    twice during the backward of the loss); one dequantized weight as workspace. Left out: the CUDA
-    context and allocator fragmentation (outside `max_memory_allocated`), the optimizer's temporaries.
+    twice during the backward of the loss); one dequantized weight as workspace. With checkpointing the
+    loss's logits are freed before any layer is recomputed, so only the larger of the two counts.
+
+    On a CUDA device two terms outside the allocated peak are added (`device_total`): the CUDA context
+    (`CUDA_CONTEXT_BYTES`) and the allocator's reserve: PyTorch's caching allocator keeps freed blocks
+    for reuse, and with checkpointing the pool holds the blocks of both phases (loss and recompute),
+    the case where none of one phase's blocks serves the other. Left out: the optimizer's temporaries
+    in its step (the activations are gone by then) and block rounding.
     """
-    return memory_breakdown(
-        shape_for_estimate(base, config, quant),
-        batch_size=batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
+    recipe = MemoryRecipe(
         optimizer=optimizer,
+        adapter_dtype=adapter_dtype,
+        master_weights=master_weights,
+        autocast=autocast,
+        gradient_checkpointing=gradient_checkpointing,
+        attention=attention,
+        device=device,
+    )
+    return memory_breakdown(
+        shape_for_estimate(base, config, quant), batch_size=batch_size, seq_len=seq_len, recipe=recipe
     )

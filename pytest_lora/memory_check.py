@@ -63,54 +63,52 @@ def _targets(shape: ModelShape) -> str:
 
 
 def fix_options(shape: ModelShape, estimate: MemoryEstimate, budget: int | None = None) -> list[str]:
-    """The guide's fixes with the estimate each one gives, marked where it fits `budget`."""
+    """The guide's fixes with the estimate each one gives (`device_total`), marked where it fits `budget`."""
+    recipe = estimate.recipe
+    batch, seq = estimate.batch_size, estimate.seq_len
     options: list[tuple[str, MemoryEstimate]] = []
-    common = {"batch_size": estimate.batch_size, "seq_len": estimate.seq_len, "optimizer": estimate.optimizer}
-    checkpointing = estimate.gradient_checkpointing
     ranks = sorted({linear.r for linear in shape.adapted})
     if ranks and ranks[-1] > 1:
-        halved = _halve_ranks(shape)
         label = f"lower r ({ranks[-1]} -> {max(1, ranks[-1] // 2)})"
-        options.append((label, memory_breakdown(halved, gradient_checkpointing=checkpointing, **common)))
+        options.append((label, memory_breakdown(_halve_ranks(shape), batch_size=batch, seq_len=seq, recipe=recipe)))
     fewer = _only_qv(shape)
     if fewer is not None:
         options.append(
-            ("adapt only q_proj, v_proj", memory_breakdown(fewer, gradient_checkpointing=checkpointing, **common))
+            ("adapt only q_proj, v_proj", memory_breakdown(fewer, batch_size=batch, seq_len=seq, recipe=recipe))
         )
-    if estimate.batch_size > 1:
-        smaller = {**common, "batch_size": estimate.batch_size // 2}
+    if batch > 1:
+        smaller = memory_breakdown(shape, batch_size=batch // 2, seq_len=seq, recipe=recipe)
+        options.append((f"batch {batch} -> {batch // 2}", smaller))
+    if not recipe.gradient_checkpointing:
+        checkpointed = dataclasses.replace(recipe, gradient_checkpointing=True)
         options.append(
-            (
-                f"batch {estimate.batch_size} -> {estimate.batch_size // 2}",
-                memory_breakdown(shape, gradient_checkpointing=checkpointing, **smaller),
-            )
+            ("gradient checkpointing", memory_breakdown(shape, batch_size=batch, seq_len=seq, recipe=checkpointed))
         )
-    if not checkpointing:
-        options.append(("gradient checkpointing", memory_breakdown(shape, gradient_checkpointing=True, **common)))
     lines = []
     for label, alternative in options:
-        fits = "" if budget is None else ("  fits" if alternative.total <= budget else "  still over")
-        lines.append(f"    {label:<28} ~{format_bytes(alternative.total)}{fits}")
+        fits = "" if budget is None else ("  fits" if alternative.device_total <= budget else "  still over")
+        lines.append(f"    {label:<28} ~{format_bytes(alternative.device_total)}{fits}")
     return lines
 
 
 def _budget(model: Any, estimate: MemoryEstimate, budget_bytes: int | None) -> tuple[int, int, str]:
     """(budget, bytes of the estimate that count against it, where the budget comes from)."""
     if budget_bytes is not None:
-        return int(budget_bytes), estimate.total, "budget_bytes"
+        return int(budget_bytes), estimate.device_total, "budget_bytes"
     policy = active_policy()
     if policy.memory_budget_gb is not None:
         budget = int(policy.memory_budget_gb * GIB)
-        return budget, estimate.total, f"memory_budget_gb = {policy.memory_budget_gb:g} GiB ({policy.source})"
+        return budget, estimate.device_total, f"memory_budget_gb = {policy.memory_budget_gb:g} GiB ({policy.source})"
     device = device_of(model) if hasattr(model, "parameters") else "meta"
     if device.startswith("cuda"):
         import torch
 
         free, total = torch.cuda.mem_get_info(device)
-        # the loaded base already holds its share: what is left to allocate must fit the free memory
+        # the loaded base and the CUDA context already hold their share: the rest must fit the free memory
+        held = estimate.resident + estimate.cuda_context
         return (
             int(free),
-            estimate.total - estimate.resident,
+            estimate.device_total - held,
             (
                 f"free memory on {device} ({format_bytes(free)} of {format_bytes(total)}; the loaded base's "
                 f"{format_bytes(estimate.resident)} already in use)"
@@ -130,25 +128,37 @@ def assert_fits_memory(
     batch_size: int = 8,
     seq_len: int = 64,
     budget_bytes: int | None = None,
-    gradient_checkpointing: bool = False,
-    optimizer: str = "adamw",
+    gradient_checkpointing: bool | None = None,
+    optimizer: str | None = None,
     quant: QuantLayout | None = DEFAULT_QUANT,
+    adapter_dtype: str | None = None,
+    master_weights: bool | None = None,
+    autocast: str | None = None,
+    attention: str | None = None,
+    device: str | None = None,
 ) -> MemoryEstimate:
     """The estimated peak of a LoRA training step fits the budget; returns the estimate.
 
     The budget is `budget_bytes`, else the policy's `memory_budget_gb` (GiB, 2**30 bytes), else the
     free memory of the GPU the model is on. `base_or_model` and `config` are as for `estimate_memory`:
-    a `PeftModel` alone, or a base (loaded, meta, a config, a path) with a LoraConfig.
+    a `PeftModel` alone, or a base (loaded, meta, a config, a path) with a LoraConfig. The recipe is the
+    policy's `[tool.pytest_lora.policy.memory]` table, with each keyword given here in its place.
     """
     __tracebackhide__ = True
-    shape = shape_for_estimate(base_or_model, config, quant)
-    estimate = memory_breakdown(
-        shape,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        optimizer=optimizer,
+    given: dict[str, Any] = {
+        "gradient_checkpointing": gradient_checkpointing,
+        "optimizer": optimizer,
+        "adapter_dtype": adapter_dtype,
+        "master_weights": master_weights,
+        "autocast": autocast,
+        "attention": attention,
+        "device": device,
+    }
+    recipe = dataclasses.replace(
+        active_policy().memory, **{name: value for name, value in given.items() if value is not None}
     )
+    shape = shape_for_estimate(base_or_model, config, quant)
+    estimate = memory_breakdown(shape, batch_size=batch_size, seq_len=seq_len, recipe=recipe)
     budget, needed, source = _budget(base_or_model, estimate, budget_bytes)
     if needed <= budget:
         return estimate
@@ -160,7 +170,7 @@ def assert_fits_memory(
         "  the guide: 4-bit quantization shrinks the base, but the adapters, their optimizer state and the "
         "activations grow with r, the number of adapted modules and the batch",
         "  fix, with the estimate each gives:",
-        *fix_options(shape, estimate, budget + estimate.total - needed),
+        *fix_options(shape, estimate, budget + estimate.device_total - needed),
     ]
     raise LoraAssertionError("\n".join(lines))
 

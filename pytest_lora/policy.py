@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 
 from pytest_lora.curves import OverfitRule, PlateauRule
 from pytest_lora.errors import PolicyError
+from pytest_lora.recipe import MemoryRecipe
 from pytest_lora.settings import (
     PYPROJECT_TABLE,
     check_ranks,
@@ -109,6 +110,8 @@ class Policy:
         resume_rank: rank of the adapter checkpoint training resumes from (>= 1), default None.
         plateau, overfit, sweep: the `[...policy.plateau]`, `[...policy.overfit]` and `[...policy.sweep]`
             subtables (PlateauRule, OverfitRule, SweepRule).
+        memory: the `[...policy.memory]` subtable: the training recipe `assert_fits_memory` prices
+            (MemoryRecipe: optimizer, adapter dtype, autocast, checkpointing, attention, device).
         source: where the policy came from (file and table), for messages; "<defaults>" when built in.
     """
 
@@ -128,6 +131,7 @@ class Policy:
     plateau: PlateauRule = field(default_factory=PlateauRule)
     overfit: OverfitRule = field(default_factory=OverfitRule)
     sweep: SweepRule = field(default_factory=SweepRule)
+    memory: MemoryRecipe = field(default_factory=MemoryRecipe)
     source: str = "<defaults>"
 
     def __post_init__(self) -> None:
@@ -200,7 +204,7 @@ class Policy:
         lines.append(f"base model for config checks: {self.base_model or 'the session model'}")
         if self.resume_rank is not None:
             lines.append(f"resume rank: {self.resume_rank}")
-        lines += [f"{name}: {_fields_text(getattr(self, name))}" for name in ("plateau", "overfit", "sweep")]
+        lines += [f"{name}: {_fields_text(getattr(self, name))}" for name in ("plateau", "overfit", "sweep", "memory")]
         return lines
 
 

@@ -114,7 +114,9 @@ class ModelShape:
     unquantized_bytes: int  # their bytes, buffers included
     quant: QuantLayout | None  # None: the linears are not quantized
     lora_dropout: float = 0.0
-    dropout_mask_bytes: int = 1  # per value: CUDA's fused dropout keeps a bool mask, the CPU an fp32 one
+    device: str = "meta"  # where the weights are: "cuda", "cpu", or "meta" for a skeleton
+    adapter_dtype: str | None = None  # dtype of an attached adapter's weights ("float32", ...); None: none attached
+    gradient_checkpointing: bool = False  # the loaded model's own setting
 
     @property
     def base_matmul_params(self) -> int:
@@ -244,6 +246,7 @@ def model_shape(
     """
     ranks, dropout = _ranks(model, config)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    adapter = next((param for name, param in model.named_parameters() if "lora_" in name), None)
     layout = _quant_layout(base)
     skeleton_quant = quant if layout is None else None
     layout = layout or quant
@@ -273,7 +276,10 @@ def model_shape(
         unquantized_params += int(param.numel())
         unquantized_bytes += int(param.numel()) * (element_bytes or param.element_size())
     unquantized_bytes += sum(int(b.numel()) * b.element_size() for b in base.buffers())
-    return _assemble(base, tuple(linears), layout, unquantized_params, unquantized_bytes, dropout, element_bytes)
+    adapter_dtype = str(adapter.dtype).removeprefix("torch.") if adapter is not None else None
+    return _assemble(
+        base, tuple(linears), layout, unquantized_params, unquantized_bytes, dropout, element_bytes, adapter_dtype
+    )
 
 
 def _assemble(
@@ -284,6 +290,7 @@ def _assemble(
     unquantized_bytes: int,
     dropout: float,
     element_bytes: int | None,
+    adapter_dtype: str | None,
 ) -> ModelShape:
     config = base.config
     hidden = int(_config_value(config, "hidden_size", "n_embd", "d_model"))
@@ -297,6 +304,7 @@ def _assemble(
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     activation_bytes = element_bytes or (embeddings.weight.element_size() if embeddings is not None else 2)
     device = next((param.device.type for param in base.parameters()), "meta")
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in base.modules())
     return ModelShape(
         linears=linears,
         n_layers=n_layers,
@@ -313,5 +321,7 @@ def _assemble(
         unquantized_bytes=unquantized_bytes,
         quant=layout,
         lora_dropout=dropout,
-        dropout_mask_bytes=4 if device == "cpu" else 1,
+        device=device,
+        adapter_dtype=adapter_dtype,
+        gradient_checkpointing=checkpointing,
     )

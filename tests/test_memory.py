@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import weakref
 
 import pytest
@@ -10,10 +11,11 @@ from conftest import lora_config
 
 from pytest_lora.assertions import use_policy
 from pytest_lora.errors import AdapterConfigError, LoraAssertionError, PolicyError, TrainingError
-from pytest_lora.memory import GIB, estimate_memory, format_bytes, shape_for_estimate
+from pytest_lora.memory import CUDA_CONTEXT_BYTES, GIB, estimate_memory, format_bytes, shape_for_estimate
 from pytest_lora.memory_check import assert_fits_memory, run_oom_checked
 from pytest_lora.models import builtin_model_dir
 from pytest_lora.policy import Policy
+from pytest_lora.recipe import MemoryRecipe
 from pytest_lora.shapes import QuantLayout
 
 # Llama-2-7b's shape (FACTS.md): 6,738,415,616 parameters; r=8 on q_proj, v_proj trains 4,194,304.
@@ -102,28 +104,37 @@ def test_llama_2_7b_skeleton_matches_the_known_counts():
     assert plain_quant.quant_constants * 8 / quantized == pytest.approx(0.5, abs=0.002)  # fp32 absmax / 64
 
 
+def autograd_saved_bytes(model, skip: set[int], batch_size: int = 4, seq_len: int = 64) -> int:
+    """Bytes autograd saves for backward in one training step of `model` (CPU, saved-tensor hooks),
+    each storage once, storages in `skip` (the weights) left out."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    tokens = torch.randint(0, 256, (batch_size, seq_len))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    return sum(saved.values())
+
+
+def storages(model) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
 def test_activations_match_the_tensors_autograd_keeps(lora_base_model, lora_model):
     """The activation term against the bytes autograd really saves for backward (CPU, saved-tensor hooks)."""
-    params = {p.untyped_storage().data_ptr() for p in lora_base_model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in lora_base_model.buffers()}
+    params = storages(lora_base_model)
     for config in (lora_config(8), lora_config(16, target_modules="all-linear", lora_dropout=0.1)):
         model = lora_model(config)
-        saved: dict[int, int] = {}
-
-        def pack(tensor, saved=saved):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        tokens = torch.randint(0, 256, (4, 64))
-        model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        measured = autograd_saved_bytes(model, params)
         estimate = estimate_memory(model, batch_size=4, seq_len=64)
         kept_logits = 4 * 4 * 64 * 256  # the fp32 log-probabilities; the rest of `logits` is transient
-        measured = sum(saved.values())
         assert abs((estimate.activations + kept_logits) / measured - 1) < 0.10, (estimate.activations, measured)
 
 
@@ -142,7 +153,8 @@ def test_optimizer_state_by_optimizer():
         name: estimate_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=8, optimizer=name).optimizer_state
         for name in ("adamw", "adamw_8bit", "sgd")
     }
-    assert sizes == {"adamw": 8 * 4_194_304, "adamw_8bit": 2 * 4_194_304, "sgd": 0}
+    # bitsandbytes' 8-bit moments: 1 B per value each, plus one fp32 absmax per 256 values each
+    assert sizes == {"adamw": 8 * 4_194_304, "adamw_8bit": 2 * 4_194_304 + 2 * 4 * (4_194_304 // 256), "sgd": 0}
     with pytest.raises(ValueError, match="optimizer='lion'"):
         estimate_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=8, optimizer="lion")
 
@@ -164,6 +176,155 @@ def test_breakdown_lines_name_every_part():
 )
 def test_format_bytes(count, text):
     assert format_bytes(count) == text
+
+
+# --- the recipe: what the step's memory depends on besides shapes ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "adapter_dtype", "attention"),
+    [
+        pytest.param(lora_config(8, target_modules="all-linear"), None, "sdpa", id="fp32-inputs-shared"),
+        pytest.param(lora_config(8, target_modules="all-linear"), None, "eager", id="fp32-eager"),
+        pytest.param(lora_config(8, target_modules="all-linear"), torch.bfloat16, "eager", id="bf16-casts-eager"),
+        pytest.param(
+            lora_config(8, target_modules="all-linear", lora_dropout=0.1), torch.bfloat16, "sdpa", id="bf16-dropout"
+        ),
+    ],
+)
+def test_activations_follow_the_recipe_tensor_for_tensor(lora_base_model, lora_model, config, adapter_dtype, attention):
+    """Adapter dtype, dropout and attention change what autograd keeps: the estimate follows within 1%.
+
+    The tiny model computes in fp32 on the CPU: fp32 adapters keep the module's input itself (one tensor
+    for q/k/v, one for gate/up, o_proj's is the fused attention's output), bf16 ones their own cast;
+    dropout keeps its output and mask; eager attention its probabilities. Left out by the estimate:
+    the labels and the rotary cos/sin tables (~5 KB here).
+    """
+    own = lora_base_model.config._attn_implementation
+    lora_base_model.set_attn_implementation(attention)
+    try:
+        model = lora_model(config)
+        if adapter_dtype is not None:
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.data = param.data.to(adapter_dtype)
+        measured = autograd_saved_bytes(model, storages(model), batch_size=2, seq_len=32)
+        estimate = estimate_memory(model, batch_size=2, seq_len=32)
+    finally:
+        lora_base_model.set_attn_implementation(own)
+    assert estimate.recipe.attention == attention
+    assert estimate.recipe.adapter_dtype == ("bfloat16" if adapter_dtype else "float32")
+    kept_logits = 4 * 2 * 32 * 256
+    assert abs((estimate.activations + kept_logits) / measured - 1) < 0.01, (estimate.activations, measured)
+
+
+def test_the_attached_adapters_dtype_prices_weights_gradients_and_state(lora_model):
+    model = lora_model(lora_config(8))
+    n = 4 * 8 * (64 + 64 + 64 + 32)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)
+    bf16 = estimate_memory(model, batch_size=2, seq_len=16)
+    assert (bf16.lora_weights, bf16.lora_grads, bf16.optimizer_state) == (2 * n, 2 * n, 4 * n)  # torch AdamW
+    master = estimate_memory(model, batch_size=2, seq_len=16, master_weights=True)
+    assert (master.master_weights, master.optimizer_state) == (4 * n, 8 * n)  # the optimizer runs on the master
+    assert master.total - bf16.total == 8 * n
+    fp32 = estimate_memory(model, batch_size=2, seq_len=16, adapter_dtype="float32")
+    assert (fp32.lora_weights, fp32.optimizer_state) == (4 * n, 8 * n)
+
+
+def test_optimizer_state_of_each_optimizer(lora_base_model):
+    """bitsandbytes: 8-bit moments only for tensors of 4,096+ values, paged buffers only from 1e5 values;
+    HF Adafactor: one fp32 row and one column vector per matrix."""
+    r8 = 4_194_304  # r=8 on q_proj, v_proj of Llama-2-7b: 128 matrices of 32,768 values
+    state = {
+        name: estimate_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=8, optimizer=name, device="cuda")
+        for name in ("adafactor", "paged_adamw_32bit", "paged_adamw_8bit")
+    }
+    assert state["adafactor"].optimizer_state == 4 * 64 * ((8 + 4096) + (4096 + 8))
+    assert state["paged_adamw_32bit"].optimizer_state == 8 * r8
+    assert state["paged_adamw_32bit"].optimizer_paged == state["paged_adamw_8bit"].optimizer_paged == 0  # < 1e5
+    r64 = estimate_memory(
+        LLAMA_2_7B, lora_config(64), batch_size=1, seq_len=8, optimizer="paged_adamw_8bit", device="cuda"
+    )
+    assert r64.optimizer_paged == 2 * 8 * r8  # 262,144-value matrices: both 8-bit moments paged, absmax not
+    assert r64.optimizer_state == r64.optimizer_paged + 2 * 4 * (8 * r8 // 256)
+    unpaged = estimate_memory(
+        LLAMA_2_7B, lora_config(64), batch_size=1, seq_len=8, optimizer="adamw_8bit", device="cuda"
+    )
+    assert unpaged.total - r64.total == r64.optimizer_paged
+    assert "paged, evicted to CPU RAM under pressure: not in the peak" in "\n".join(r64.lines())
+    tiny = estimate_memory(lora_base_model, lora_config(8), batch_size=1, seq_len=8, optimizer="adamw_8bit")
+    assert tiny.optimizer_state == 8 * tiny.lora_params  # 512-value matrices keep fp32 moments
+
+
+def test_checkpointing_frees_the_logits_before_the_recompute():
+    """The allocated peak counts the larger of the loss's logits and a recomputed layer; on CUDA the
+    allocator's pool keeps the other too, and the CUDA context comes on top."""
+    step = {"batch_size": 1, "seq_len": 4096}
+    plain = estimate_memory(LLAMA_2_7B, lora_config(8), **step, device="cuda")
+    assert plain.not_at_once == plain.allocator_reserve == 0
+    assert plain.device_total == plain.total + CUDA_CONTEXT_BYTES
+    planned = estimate_memory(LLAMA_2_7B, lora_config(8), **step, gradient_checkpointing=True)
+    on_cuda = estimate_memory(LLAMA_2_7B, lora_config(8), **step, gradient_checkpointing=True, device="cuda")
+    parts = planned.resident + planned.lora_weights + planned.lora_grads + planned.optimizer_state
+    parts += planned.activations + planned.logits + planned.workspace
+    assert 0 < planned.not_at_once <= planned.logits
+    assert planned.total == parts - planned.not_at_once
+    assert planned.device_total == planned.total  # a skeleton on "auto": the allocated peak only
+    assert on_cuda.total == planned.total
+    assert on_cuda.device_total == parts + CUDA_CONTEXT_BYTES
+    text = "\n".join(on_cuda.lines())
+    for part in ("not at once", "allocated peak", "allocator reserve", "CUDA context", "estimated peak"):
+        assert part in text
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ({"adapter_dtype": "int8"}, "adapter_dtype='int8' is not one of float32, bfloat16, float16"),
+        ({"autocast": "float32"}, "autocast='float32' is not one of bfloat16, float16"),
+        ({"attention": "flash"}, "attention='flash' is not one of eager, sdpa, flash_attention_2"),
+        ({"device": "tpu"}, "device='tpu' is not one of auto, cuda, cpu"),
+        ({"master_weights": True, "adapter_dtype": "float32"}, "master_weights=true needs 16-bit adapters"),
+        ({"master_weights": True}, "master_weights=true needs 16-bit adapters"),  # PEFT's fp32, resolved
+    ],
+)
+def test_a_bad_recipe_is_refused(recipe, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        estimate_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=8, **recipe)
+
+
+def test_the_policy_recipe_prices_assert_fits_memory():
+    """`[tool.pytest_lora.policy.memory]` is the default recipe; a keyword given to the check wins."""
+    recipe = MemoryRecipe(optimizer="paged_adamw_8bit", adapter_dtype="bfloat16", gradient_checkpointing=True)
+    config = lora_config(64, target_modules="all-linear")
+    with use_policy(Policy(memory=recipe)):
+        estimate = assert_fits_memory(LLAMA_2_7B, config, batch_size=1, seq_len=512, budget_bytes=24 * GIB)
+        assert estimate.recipe.optimizer == "paged_adamw_8bit" and estimate.gradient_checkpointing
+        plain = assert_fits_memory(
+            LLAMA_2_7B, config, batch_size=1, seq_len=512, budget_bytes=24 * GIB, gradient_checkpointing=False
+        )
+    assert (plain.recipe.optimizer, plain.gradient_checkpointing) == ("paged_adamw_8bit", False)
+    assert estimate == estimate_memory(
+        LLAMA_2_7B,
+        config,
+        batch_size=1,
+        seq_len=512,
+        optimizer="paged_adamw_8bit",
+        adapter_dtype="bfloat16",
+        gradient_checkpointing=True,
+    )
+
+
+def test_a_bad_memory_recipe_in_the_policy_stops_the_session(lora_pytester: pytest.Pytester) -> None:
+    lora_pytester.makepyprojecttoml('[tool.pytest_lora.policy.memory]\noptimizer = "lion"\n')
+    lora_pytester.makepyfile("def test_never_runs():\n    raise AssertionError('must not run')\n")
+    result = lora_pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: pytest-lora: *pyproject.toml *tool.pytest_lora.policy* memory: optimizer='lion' is not one of *"]
+    )
 
 
 # --- assert_fits_memory ------------------------------------------------------------------------------

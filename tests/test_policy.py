@@ -20,6 +20,7 @@ from pytest_lora.policy import (
     policy_from_mapping,
     policy_from_pyproject,
 )
+from pytest_lora.recipe import MemoryRecipe
 
 SOURCE = "pyproject.toml [tool.pytest_lora.policy]"
 
@@ -282,7 +283,7 @@ def test_overlapping_targets():
     )
 
 
-@pytest.mark.parametrize("name", ["plateau", "overfit", "sweep"])
+@pytest.mark.parametrize("name", ["plateau", "overfit", "sweep", "memory"])
 def test_subtable_that_is_not_a_table(name):
     message = error_of({name: 3})
     assert message.startswith(f"{SOURCE} {name} = 3 is not a table; it must be a table of keys: ")
@@ -358,6 +359,51 @@ def test_describe():
     assert "the session model" in "\n".join(Policy().describe())
 
 
+def test_memory_recipe_table(tmp_path):
+    path = write(
+        tmp_path / "pyproject.toml",
+        """
+        [tool.pytest_lora.policy]
+        memory_budget_gb = 24
+
+        [tool.pytest_lora.policy.memory]
+        optimizer = "paged_adamw_8bit"
+        adapter_dtype = "bfloat16"
+        autocast = "bfloat16"
+        gradient_checkpointing = true
+        attention = "sdpa"
+        device = "cuda"
+        """,
+    )
+    policy = policy_from_pyproject(path)
+    assert policy.memory == MemoryRecipe(
+        optimizer="paged_adamw_8bit",
+        adapter_dtype="bfloat16",
+        autocast="bfloat16",
+        gradient_checkpointing=True,
+        attention="sdpa",
+        device="cuda",
+    )
+    assert "memory: optimizer='paged_adamw_8bit', adapter_dtype='bfloat16'" in "\n".join(policy.describe())
+    assert Policy().memory == MemoryRecipe()
+
+
+@pytest.mark.parametrize(
+    ("memory", "expected"),
+    [
+        ({"optimizer": "lion"}, "memory: optimizer='lion' is not one of adamw, adam, adamw_torch, adamw_8bit, "),
+        ({"adapter_dtype": "fp8"}, "memory: adapter_dtype='fp8' is not one of float32, bfloat16, float16; use one"),
+        ({"master_weights": True, "adapter_dtype": "float32"}, "memory: master_weights=true needs 16-bit adapters"),
+        ({"device": "gpu"}, "memory: device='gpu' is not one of auto, cuda, cpu; use one of those."),
+        ({"gradient_checkpointing": "yes"}, "memory.gradient_checkpointing = 'yes' is a string; expected true or"),
+        ({"optimiser": "sgd"}, "unknown key 'memory.optimiser' = 'sgd'. Did you mean 'memory.optimizer'?"),
+    ],
+)
+def test_memory_recipe_errors(memory, expected):
+    message = error_of({"memory": memory})
+    assert message.startswith(SOURCE) and expected in message, message
+
+
 def test_direct_construction_validates():
     with pytest.raises(ValueError, match="ranks = \\[\\] is empty"):
         Policy(ranks=())
@@ -368,7 +414,9 @@ def test_direct_construction_validates():
 # --- the robustness contract: any mapping gives a Policy or a PolicyError --------------------------------
 
 _TOP_KEYS = [f.name for f in fields(Policy)]  # "source" included: it must be rejected too
-_KEYS = sorted({f.name for cls in (PlateauRule, OverfitRule, SweepRule) for f in fields(cls)} | {*_TOP_KEYS})
+_KEYS = sorted(
+    {f.name for cls in (PlateauRule, OverfitRule, SweepRule, MemoryRecipe) for f in fields(cls)} | {*_TOP_KEYS}
+)
 _ODD_KEYS = st.one_of(st.text(max_size=6), st.integers(), st.none(), st.sampled_from(["alpha_ration", "tool"]))
 
 
@@ -386,7 +434,7 @@ _SCALARS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(0, 1),  # plausible fractions and percents, so valid policies come out too
     st.text(max_size=8),
-    st.sampled_from(["scaling", "alpha", "forbid", "rel", "abs", "q_proj", ""]),
+    st.sampled_from(["scaling", "alpha", "forbid", "rel", "abs", "q_proj", "", "bfloat16", "paged_adamw_8bit", "cuda"]),
     st.datetimes(),
     st.dates(),
     st.times(),
