@@ -208,6 +208,8 @@ def _check_trainable_copies(model: Any, config: Any) -> None:
     names = list(config.modules_to_save or [])
     if getattr(config.task_type, "value", config.task_type) in ("SEQ_CLS", "TOKEN_CLS"):
         names += ["classifier", "score"]  # what PEFT's PeftModelFor{Sequence,Token}Classification adds
+    if not names:
+        return
     for key, module in model.named_modules():
         if not any(key.endswith(name) for name in names):  # PEFT's own rule (_set_trainable)
             continue

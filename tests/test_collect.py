@@ -363,3 +363,34 @@ def test_damaged_weights_are_reported_as_corrupt_not_as_another_rank(lora_pytest
         ]
     )
     assert "saved at rank" not in result.stdout.str()
+
+
+def test_a_saved_moe_adapter_is_read_per_expert_stack(tmp_path: Path) -> None:
+    """PEFT saves a fused expert stack's adapter as one (r x experts, in) / (out, r x experts) pair per parameter,
+    nested (`experts`, `experts.base_layer`): a consistent Mixtral adapter passes, a changed r is caught there."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from pytest_lora.config_check import check_adapter
+    from pytest_lora.errors import LoraAssertionError
+    from pytest_lora.policy import Policy
+    from pytest_lora.zoo import ZOO
+
+    config = ZOO["tiny-mixtral"].config
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    get_peft_model(MixtralForCausalLM(MixtralConfig(**fields)), lora).save_pretrained(tmp_path / "moe")
+    policy = dataclasses.replace(Policy(), ranks=(8, 16), max_trainable_pct=100.0)
+    assert check_adapter(tmp_path / "moe", policy, config).count.trainable == 61_504
+    _edit_config(tmp_path / "moe", r=16, lora_alpha=32)
+    with pytest.raises(LoraAssertionError) as failure:
+        check_adapter(tmp_path / "moe", policy, config)
+    # the saved config keeps PEFT's rank_pattern for the fused gate_up_proj (w1 + w3 at 2r = 16): only down_proj moves
+    assert (
+        "model.layers.0.mlp.experts: saved as (rows, in, out) [(32, 128, 64), (64, 64, 256)], adapter_config.json "
+        "makes [(64, 64, 256), (64, 128, 64)]" in str(failure.value)
+    )
+    router = "model.layers.0.mlp.gate: saved as (rows, in, out) [(8, 64, 4)], adapter_config.json makes [(16, 64, 4)]"
+    assert router in str(failure.value)

@@ -131,8 +131,8 @@ FOUR_BIT_CASES = [(name, variant) for name in ZOO_NAMES for variant in FOUR_BIT_
 def test_4bit_model_counts_equal_peft_and_the_config_estimate(four_bit, name: str, variant: str) -> None:
     """On the loaded 4-bit model (a copy, so that the session's stays clean): count_parameters == PEFT == the
     estimate from the model == from config.json; the adapters have the shapes the config asks for; memory and
-    FLOPs read the same adapters from the config and from the attached model. Where PEFT refuses the config on
-    the 4-bit model, pytest-lora refuses it too."""
+    FLOPs read the same adapters from the config and from the attached model (q/v and all-linear). Where PEFT
+    refuses the config on the 4-bit model, pytest-lora refuses it too."""
     base = four_bit[name]
     config = lora(name, variant)
     peft_model = peft_attach(copy.deepcopy(base), config)
@@ -145,11 +145,11 @@ def test_4bit_model_counts_equal_peft_and_the_config_estimate(four_bit, name: st
     assert estimate_lora_parameters(base, config) == count
     assert estimate_lora_parameters(ZOO[name].config, config) == count
     assert_adapter_shapes(peft_model)
-    planned = estimate_memory(base, config, batch_size=2, seq_len=16)
-    assert estimate_memory(peft_model, batch_size=2, seq_len=16).lora_params == planned.lora_params > 0
-    assert step_flops(model_shape(peft_model), 16, batch_size=2) == step_flops(
-        model_shape(base, config), 16, batch_size=2
-    )
+    if variant in ("qv", "all-linear"):  # the layer kinds (Conv1D, FalconLinear, fused experts) differ here only
+        planned = estimate_memory(base, config, batch_size=2, seq_len=16)
+        assert estimate_memory(peft_model, batch_size=2, seq_len=16).lora_params == planned.lora_params > 0
+        attached = step_flops(model_shape(peft_model), 16, batch_size=2)
+        assert attached == step_flops(model_shape(base, config), 16, batch_size=2)
 
 
 REFUSALS = {
