@@ -359,7 +359,9 @@ _UNSEEN_WRITE = Change(
 class _Attachment:
     peft_model: Any
     adapted: list[str]  # the base's module names the adapter wraps
-    saved_base_params: dict[str, Any] = field(default_factory=dict)
+    # Base parameters PEFT made trainable (bias, modules_to_save), with a copy of their loaded values. By
+    # object, not name: a name seen through the adapter ("q_proj.base_layer.bias") is gone once it is removed.
+    saved_base_params: list[tuple[Any, Any]] = field(default_factory=list)
     owner: object = None  # who detaches it: a fixture's token, or None for direct `attach()` calls
 
 
@@ -410,11 +412,11 @@ class AdapterManager:
         except BaseException:
             self.clean.restore(self.base)  # PEFT may have wrapped part of the base before failing
             raise
-        saved = {
-            name: param.detach().clone()
+        saved = [
+            (param, param.detach().clone())
             for name, param in self.base.named_parameters()
             if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
-        }
+        ]
         self._active = _Attachment(peft_model, adapted, saved, owner)
         return peft_model
 
@@ -440,11 +442,10 @@ class AdapterManager:
         # Not PeftModel.unload(): for modules_to_save it swaps in the *trained* copy, which would
         # leak one test's training into the next. Putting back the wrapped originals is exact.
         strip_adapters(self.base)
-        params = dict(self.base.named_parameters())
         with torch.no_grad():
-            for name, saved in attachment.saved_base_params.items():
-                params[name].copy_(saved)
-        self._restore_own_flags(attachment.saved_base_params)
+            for param, saved in attachment.saved_base_params:
+                param.copy_(saved)
+        self._restore_own_flags([param for param, _ in attachment.saved_base_params])
 
     def _weight_rewritten(self, name: str) -> bool:
         saved = self.clean.modules.get(name)
@@ -453,13 +454,12 @@ class AdapterManager:
         weight = saved.tensors["_parameters.weight"]
         return vars(saved.obj)["_parameters"].get("weight") is not weight.obj or weight.alias._version != weight.version
 
-    def _restore_own_flags(self, trained: Mapping[str, Any]) -> None:
+    def _restore_own_flags(self, trained: list[Any]) -> None:
         """requires_grad of what PEFT unfroze (bias, modules_to_save) and train/eval modes, as loaded."""
-        params = dict(self.base.named_parameters())
-        self.clean.accept(params[name] for name in trained)
-        for name in trained:
-            params[name].requires_grad_(False)
-            params[name].grad = None
+        self.clean.accept(trained)
+        for param in trained:
+            param.requires_grad_(False)
+            param.grad = None
         self.clean.restore_modes()
 
     def _refuse_foreign_adapters(self) -> None:

@@ -171,8 +171,10 @@ def test_train(lora_train, lora_base_model):
     assert any(m.bias is not None for m in lora_base_model.modules() if type(m).__name__ == "Linear4bit")
     assert lora_train(CFG, steps=2, batch_size=4, seq_len=32).base_unchanged
 
-def test_train_again(lora_train):
-    assert lora_train(CFG, steps=2, batch_size=4, seq_len=32).base_unchanged
+def test_train_the_biases_too(lora_train):
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], bias="all")
+    result = lora_train(cfg, steps=2, batch_size=4, seq_len=32)
+    assert any("bias" in name for name in result.changed_lora)
 
 def test_probe(probe):
     probe()
