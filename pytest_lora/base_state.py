@@ -28,6 +28,8 @@ _INPUT_GRADS_ATTRS = ("_require_grads_hook", "_require_grads_hooks")
 _PEFT_ATTRS = ("peft_config", "_hf_peft_config_loaded")
 _STRUCTURE = {"_modules": "module", "_parameters": "parameter", "_buffers": "buffer"}
 _GLOBAL = "torch.nn (global module hooks)"
+# Module attributes holding settings objects whose attributes a test may change in place.
+_CONFIG_ATTRS = ("config", "generation_config")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class _Tensor:
     version: int
     requires_grad: bool
 
+    @classmethod
+    def of(cls, tensor: Any) -> _Tensor:
+        return cls(tensor, tensor.detach(), tensor._version, bool(tensor.requires_grad))
+
     def data_replaced(self) -> bool:
         obj, alias = self.obj, self.alias
         return obj.data_ptr() != alias.data_ptr() or obj.dtype != alias.dtype or obj.shape != alias.shape
@@ -66,6 +72,7 @@ class _Module:
     obj: Any
     attrs: dict[str, Any]  # shallow copy of vars(module), dict values copied by content
     tensors: dict[str, _Tensor]
+    cls: type = object  # the module's class: a parametrization swaps it for a generated subclass
     # The fast path: after every test, one C-level tuple comparison per module instead of a loop.
     plain_keys: tuple[str, ...] = ()
     dict_keys: tuple[str, ...] = ()
@@ -87,7 +94,7 @@ class _Module:
             )
         except Exception:  # a non-identical tensor value compares elementwise: not the same
             return False
-        return same and all(t.unchanged() for t in self.tensors.values())
+        return same and type(self.obj) is self.cls and all(t.unchanged() for t in self.tensors.values())
 
 
 @dataclass
@@ -95,30 +102,31 @@ class BaseState:
     """Snapshot of a model's modules, tensors, config and the global module hooks."""
 
     modules: dict[str, _Module]
-    config: Any
-    config_vars: dict[str, Any]
+    # Every config object the modules hold (the model's, T5's encoder/decoder stacks', generation_config),
+    # by label, with a deep copy of its attributes.
+    configs: dict[str, tuple[Any, dict[str, Any]]]
     global_hooks: dict[str, dict[Any, Any]] = field(default_factory=dict)
 
     @classmethod
     def take(cls, model: Any) -> BaseState:
         modules = {}
+        configs: dict[str, tuple[Any, dict[str, Any]]] = {}
+        seen: set[int] = set()
         for name, module in model.named_modules():
             attrs = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(module).items()}
             tensors = {}
             for kind in ("_parameters", "_buffers"):
                 for key, tensor in vars(module)[kind].items():
                     if tensor is not None:
-                        tensors[f"{kind}.{key}"] = _Tensor(
-                            tensor, tensor.detach(), tensor._version, bool(tensor.requires_grad)
-                        )
-            modules[name] = _Module(module, attrs, tensors)
-        config = getattr(model, "config", None)
-        return cls(
-            modules,
-            config,
-            copy.deepcopy(vars(config)) if config is not None else {},
-            {k: dict(v) for k, v in _global_hooks().items()},
-        )
+                        tensors[f"{kind}.{key}"] = _Tensor.of(tensor)
+                        tensors.update(_quant_state_tensors(f"{kind}.{key}", tensor))
+            modules[name] = _Module(module, attrs, tensors, type(module))
+            for attr in _CONFIG_ATTRS:
+                value = vars(module).get(attr)
+                if value is not None and id(value) not in seen and hasattr(value, "to_dict"):
+                    seen.add(id(value))
+                    configs[f"{name}.{attr}" if name else attr] = (value, copy.deepcopy(vars(value)))
+        return cls(modules, configs, {k: dict(v) for k, v in _global_hooks().items()})
 
     # -- comparing ---------------------------------------------------------------------------------
 
@@ -134,7 +142,8 @@ class BaseState:
                     found += _module_changes(name or type(model).__name__, saved)
         if any(c.kind == "input-grads" for c in found):
             found = _hooks_of_input_grads(model, found)
-        found += _config_changes(self.config, self.config_vars, getattr(model, "config", None))
+        for label, (config, saved_vars) in self.configs.items():
+            found += _config_changes(label, config, saved_vars)
         for key, saved_hooks in self.global_hooks.items():
             if not _same_dict(saved_hooks, _global_hooks()[key]):
                 found.append(Change("hook", _GLOBAL, f"{key} changed (torch.nn.modules.module.register_module_*)"))
@@ -155,13 +164,10 @@ class BaseState:
         """Put back everything the snapshot holds; return the tensors written in place (not restorable)."""
         for saved in self.modules.values():
             _restore_module(saved)
-        config = getattr(model, "config", None)
-        if self.config is not None:
-            if config is not self.config:
-                vars(model)["config"] = self.config
-            live = vars(self.config)
+        for config, saved_vars in self.configs.values():
+            live = vars(config)
             live.clear()
-            live.update(copy.deepcopy(self.config_vars))
+            live.update(copy.deepcopy(saved_vars))
         for key, saved_hooks in self.global_hooks.items():
             _refill(_global_hooks()[key], saved_hooks)
         return self.written()
@@ -181,6 +187,18 @@ class BaseState:
                     tensor.version = tensor.alias._version
 
 
+def _quant_state_tensors(key: str, tensor: Any) -> dict[str, _Tensor]:
+    """A 4-bit weight's quantization constants (absmax, code, nested ones): written in place, they change
+    every output as surely as the packed weight does."""
+    found = {}
+    state = getattr(tensor, "quant_state", None)
+    for prefix, part in ((f"{key}.quant_state", state), (f"{key}.quant_state.state2", getattr(state, "state2", None))):
+        for attr, value in (vars(part) if part is not None else {}).items():
+            if hasattr(value, "_version") and hasattr(value, "data_ptr"):
+                found[f"{prefix}.{attr}"] = _Tensor.of(value)
+    return found
+
+
 def _global_hooks() -> dict[str, dict[Any, Any]]:
     """torch's process-wide module hooks (`register_module_forward_hook`, ...): they reach every model."""
     import torch.nn.modules.module as torch_module
@@ -188,7 +206,7 @@ def _global_hooks() -> dict[str, dict[Any, Any]]:
     return {
         name: value
         for name, value in vars(torch_module).items()
-        if name.startswith("_global_") and name.endswith("hooks") and isinstance(value, dict)
+        if name.startswith("_global_") and "hook" in name and isinstance(value, dict)
     }
 
 
@@ -203,6 +221,8 @@ def _same_value(a: Any, b: Any) -> bool:
 def _module_changes(where: str, saved: _Module) -> list[Change]:
     now = vars(saved.obj)
     found = []
+    if type(saved.obj) is not saved.cls:
+        found.append(Change("structure", where, f"class {type(saved.obj).__name__} instead of {saved.cls.__name__}"))
     for key in saved.attrs.keys() | now.keys():
         if key == "training":
             continue
@@ -300,12 +320,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"<{type(value).__name__}>"
 
 
-def _config_changes(saved: Any, saved_vars: Mapping[str, Any], now: Any) -> list[Change]:
-    if saved is None:
-        return []
-    if now is not saved:
-        return [Change("config", "config", "the model's config object was replaced")]
-    live = vars(now)
+def _config_changes(label: str, config: Any, saved_vars: Mapping[str, Any]) -> list[Change]:
+    live = vars(config)
     found = []
     for key in saved_vars.keys() | live.keys():
         before, after = saved_vars.get(key, "<unset>"), live.get(key, "<unset>")
@@ -314,7 +330,7 @@ def _config_changes(saved: Any, saved_vars: Mapping[str, Any], now: Any) -> list
         except Exception:  # objects whose == is not a bool (tensors): compare by identity
             same = before is after
         if not same:
-            found.append(Change("config", "config", f"{key} = {_short(after)} (was {_short(before)})"))
+            found.append(Change("config", label, f"{key} = {_short(after)} (was {_short(before)})"))
     return found
 
 
@@ -326,6 +342,8 @@ def _refill(live: dict[Any, Any], saved: Mapping[Any, Any]) -> None:
 
 
 def _restore_module(saved: _Module) -> None:
+    if type(saved.obj) is not saved.cls:
+        saved.obj.__class__ = saved.cls
     now = vars(saved.obj)
     for key in [k for k in now if k not in saved.attrs]:
         del now[key]
@@ -372,14 +390,15 @@ EXPLAINED: dict[str, tuple[str, str]] = {
     "checkpointing": ("gradient checkpointing was switched on (gradient_checkpointing_enable)", _RECIPE_FIX),
     "input-grads": ("enable_input_require_grads() left its embedding hook", _RECIPE_FIX),
     "config": (
-        "the model config was changed",
+        "the model config (or generation config) was changed",
         "fix: pass the value per call (`model(..., use_cache=False)`), or use `lora_train(..., "
         "gradient_checkpointing=True)`, which sets use_cache=False for its run only",
     ),
     "replaced": (
-        "tensors of the base were replaced or cast (prepare_model_for_kbit_training casts 16-bit weights to "
-        "fp32; merge_and_unload() on a 4-bit base writes new weights)",
-        _RECIPE_FIX,
+        "tensors of the base were added, removed, replaced or cast (a `.data =` assignment, a dtype cast such "
+        "as prepare_model_for_kbit_training's fp32 upcast, weight_norm, resize_token_embeddings)",
+        "fix: change a copy or a model you load yourself; for the QLoRA recipe use `lora_train(config, "
+        "gradient_checkpointing=True)`",
     ),
     "requires-grad": (
         "requires_grad was changed on base parameters",

@@ -374,21 +374,29 @@ def settle_first_forward(model: Any) -> None:
     bitsandbytes' `Linear4bit.forward` casts a layer's bias to the compute dtype in place on its
     first call (Qwen2, OPT, GPT-2, BERT have biases; Llama has none). A production run sees the
     same cast on its first step; doing it at load time makes it part of the state every test
-    starts from, instead of a change the first test would be blamed for.
+    starts from, instead of a change the first test would be blamed for. transformers 5 likewise
+    installs its output-capturing hooks on the first call that asks for hidden states or attentions.
     """
     import torch
 
     inputs = getattr(model, "dummy_inputs", None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    batch = {k: v.to(device) for k, v in (inputs or {}).items()}
     try:
         with torch.no_grad():
-            model(**{k: v.to(device) for k, v in (inputs or {}).items()})
+            model(**batch)
     except Exception:  # a model that needs other inputs: make the one known change directly
         for module in model.modules():
             bias, dtype = getattr(module, "bias", None), getattr(module, "compute_dtype", None)
             if hasattr(module, "compute_type_is_set") and bias is not None and dtype is not None:
                 bias.data = bias.data.to(dtype)
                 module.compute_type_is_set = True
+        return
+    try:
+        with torch.no_grad():
+            model(**batch, output_hidden_states=True)
+    except Exception:  # an architecture without that output has no hooks to install
+        return
 
 
 def settle_problem_type(model: Any) -> None:

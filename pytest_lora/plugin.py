@@ -140,11 +140,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     """After the fixtures are gone, the shared base must be as loaded (catches stray get_peft_model)."""
-    result = yield
-    state = item.config.stash.get(STATE, None)
-    if state is not None:
-        state.session.check_clean(f"after {item.nodeid}")
-    return result
+    try:
+        return (yield)
+    finally:  # also when a fixture's teardown raised: the leak is this test's, not the next one's
+        state = item.config.stash.get(STATE, None)
+        if state is not None:
+            state.session.check_clean(f"after {item.nodeid}")
 
 
 def _user_frame(entry: Any) -> bool:

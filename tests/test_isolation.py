@@ -35,11 +35,20 @@ LEAKS = {
     ),
     "use_cache": (
         "lora_base_model.config.use_cache = False",
-        "*the model config was changed: config: use_cache = False (was True)",
+        "*the model config (or generation config) was changed: config: use_cache = False (was True)",
     ),
     "in_place": (
         "import torch\n    with torch.no_grad():\n        lora_base_model.model.norm.weight.mul_(2)",
         "*base tensors were written in place*model.norm.weight: written in place (1x)",
+    ),
+    "quant_state": (
+        "import torch\n    with torch.no_grad():\n"
+        "        lora_base_model.model.layers[0].self_attn.q_proj.weight.quant_state.absmax.mul_(2)",
+        "*model.layers.0.self_attn.q_proj.weight.quant_state.absmax: written in place (1x)",
+    ),
+    "generation_config": (
+        "lora_base_model.generation_config.max_new_tokens = 3",
+        "*generation_config: max_new_tokens = 3 (was None)",
     ),
     "attach_no_detach": (
         "lora_adapters.attach(CFG)",
@@ -132,6 +141,7 @@ def test_qlora_recipe_by_marker_and_legit_changes_pass(leak_pytester: pytest.Pyt
         CONFIG
         + """
 import pytest
+import torch
 from peft import LoraConfig
 
 @pytest.mark.lora(gradient_checkpointing=True)
@@ -146,6 +156,19 @@ def test_bias_and_modules_to_save_train(lora_train):
     result.model.train()
     assert result.changed_lora
 
+@pytest.fixture(scope="module")
+def shared_adapter(lora_adapters):
+    with lora_adapters.attached(CFG) as model:
+        yield model
+
+def test_a_module_scoped_adapter_is_no_leak(shared_adapter):
+    assert shared_adapter.get_nb_trainable_parameters()[0] == 7168
+
+def test_and_survives_into_the_next_test(shared_adapter, lora_base_model):
+    assert shared_adapter.get_nb_trainable_parameters()[0] == 7168
+    shared_adapter(input_ids=torch.arange(8)[None], output_hidden_states=True, output_attentions=True)
+    lora_base_model(input_ids=torch.arange(8)[None], output_hidden_states=True)
+
 def test_with_attached_detaches(lora_adapters, lora_base_model):
     lora_base_model.train()
     with lora_adapters.attached(CFG) as model:
@@ -156,7 +179,7 @@ def test_probe(probe):
 """
     )
     result = leak_pytester.runpytest("-p", "no:randomly")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
 
 
 @pytest.mark.parametrize(("model", "spelling"), [("tiny-qwen2", "space"), ("tiny-opt", "equals")])
