@@ -72,19 +72,11 @@ def family_example(targets: list[str] | str, task_type: str) -> str:
     return source + BENCHMARK_AND_MEMORY
 
 
-# Known failures, strict: the case fails once the fix lands, to be unmarked then.
-KNOWN = {
-    "tiny-falcon": pytest.mark.xfail(
-        strict=True, reason="query_key_value is a FalconLinear, refused by class-name layer detection (issue 10)"
-    ),
-}
-
-
 def test_every_family_of_the_zoo_is_covered() -> None:
     assert set(FAMILIES) == set(ZOO_NAMES)
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=KNOWN.get(name, ())) for name in FAMILIES])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_the_example_policy_passes_on_every_family(
     lora_pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory, name: str
 ) -> None:
