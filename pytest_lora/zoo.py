@@ -16,6 +16,7 @@ transformers are imported only when a checkpoint has to be generated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -274,8 +275,14 @@ def checkpoint_dir(cache_dir: str | os.PathLike[str] | None, name: str) -> Path:
     """Where a built-in checkpoint lives: its name and a hash of config, seed and transformers version."""
     name, entry = zoo_entry(name)
     root = Path(cache_dir).expanduser().absolute() if cache_dir else default_cache_dir()
-    key = json.dumps([entry.config, entry.seed, importlib.metadata.version("transformers")], sort_keys=True)
+    key = json.dumps([entry.config, entry.seed, _transformers_version()], sort_keys=True)
     return root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+@functools.cache
+def _transformers_version() -> str:
+    """Read once: the metadata lookup scans sys.path, and it runs for every built-in model name."""
+    return importlib.metadata.version("transformers")
 
 
 def write_checkpoint(entry: ZooEntry, directory: Path) -> None:

@@ -201,6 +201,7 @@ NOBODY = 65534
 
 def _as_other_user(cache: Path) -> str:
     """The message `builtin_model_dir` stops with for another user, or its path when it succeeds."""
+    checkpoint_dir(cache, NAME)  # the installed transformers version, read while this venv is readable
     if ROOT_USER:
         os.setegid(NOBODY)
         os.seteuid(NOBODY)
