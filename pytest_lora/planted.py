@@ -88,6 +88,8 @@ def planted_data(
     whatever the sizes. Cached per model, so the ranks of a sweep share one dataset; deterministic for
     a given model, seed and thread count.
     """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise TrainingError(f"planted_data: rank={rank!r}: the planted rank must be an int >= 1 (e.g. 8)")
     n_train = n_train or -(-TRAIN_TOKENS // seq_len)
     n_val = n_val or -(-VAL_TOKENS // seq_len)
     cache = _cache.setdefault(model, {})

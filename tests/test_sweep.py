@@ -107,6 +107,13 @@ def test_planted_dataset_names() -> None:
             planted_rank(bad)
 
 
+def test_a_planted_rank_the_head_cannot_hold_is_refused(lora_base_model) -> None:
+    with pytest.raises(TrainingError, match=r"rank 65 is larger than the head allows \(input size 64, 64 planted"):
+        planted_data(lora_base_model, 65, seq_len=8)
+    with pytest.raises(TrainingError, match="rank=0: the planted rank must be an int >= 1"):
+        planted_data(lora_base_model, 0, seq_len=8)
+
+
 def test_diverged_runs_never_win_and_bad_input_is_refused() -> None:
     points = [SweepPoint(4, math.nan, 1.0), SweepPoint(8, 2.0, 1.0), SweepPoint(16, 2.0, 3.0)]
     decision = choose_rank(points, SweepRule())
