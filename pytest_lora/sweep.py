@@ -4,6 +4,12 @@ The rule (thresholds in the policy's `[sweep]` table): the smallest rank whose m
 `metric_fraction` (0.95) of the best rank's, with a training time of at most `time_fraction` (0.70)
 of the slowest rank's.
 
+The time side compares a deterministic cost, the run's model FLOPs (`flops.step_flops` times the tokens
+trained), whenever every rank has one: measured time on a shared machine moves by more than 30% from
+run to run, and a rule on it would choose a different rank in a serial run, under xdist or in another
+test order. The measured seconds are reported beside it. Points without FLOPs (hand-made, or a model
+whose shape cannot be read) are compared on their seconds, and the decision says which basis it used.
+
 "Reaching 95% of the best" compares how far each rank falls short of a perfect score, so that it
 means the same for losses and accuracies:
 - a loss-like metric (lower is better, perfect is 0): quality = best / metric, so 95% allows a loss
@@ -37,21 +43,24 @@ from pytest_lora.thresholds import beside, limit_text
 REPORT_SCHEMA = "pytest-lora/rank-sweep/1"
 _PACKAGES = ("pytest-lora", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "pytest")
 _EPS = 1e-12
+FLOPS = "model FLOPs"  # the time side's bases, as the report names them
+SECONDS = "measured seconds"
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One rank's short run: its validation metric, its training time, and what produced them."""
+    """One rank's short run: its validation metric, its training time and cost, and what produced them."""
 
     rank: int
     metric: float
     seconds: float
     details: Mapping[str, Any] = field(default_factory=dict)
+    flops: float | None = None  # model FLOPs of the run: the time side's basis when every point has them
 
 
 @dataclass(frozen=True)
 class RankRow:
-    """A point judged by the rule: its share of the best metric and of the longest time."""
+    """A point judged by the rule: its share of the best metric and of the costliest run (FLOPs or seconds)."""
 
     point: SweepPoint
     quality: float
@@ -67,7 +76,7 @@ class RankRow:
         return f"{shown}%"
 
     def time_text(self, rule: SweepRule) -> str:
-        """The share of the longest time in percent, with the digits it takes to agree with `meets_time`."""
+        """The share of the costliest run in percent, with the digits it takes to agree with `meets_time`."""
         shown = beside(
             self.time_share, rule.time_fraction, operator.le, ok=self.meets_time, precision=0, kind="f", scale=100
         )
@@ -90,11 +99,30 @@ class SweepDecision:
     reason: str
     rule: SweepRule
     ceiling: float | None = None
+    time_basis: str = SECONDS
+
+    @property
+    def costliest(self) -> str:
+        """The time side's reference in words."""
+        return costliest(self.time_basis)
+
+    def cost(self, row: RankRow) -> float:
+        """A row's value on the time side's basis (model FLOPs or seconds)."""
+        return _cost(row.point, self.time_basis)
 
     def summary(self) -> str:
         """One line naming the chosen rank, for the terminal."""
         verdict = "rule met" if self.rule_met else "rule NOT met"
         return f"chosen rank: r={self.chosen} ({verdict}: {self.reason})"
+
+
+def _cost(point: SweepPoint, basis: str) -> float:
+    return float(point.flops) if basis == FLOPS and point.flops is not None else point.seconds
+
+
+def costliest(basis: str) -> str:
+    """What a time share is a share of: "most model FLOPs" or "longest time"."""
+    return "most model FLOPs" if basis == FLOPS else "longest time"
 
 
 def quality(metric: float, best: float, *, higher_is_better: bool, ceiling: float | None = None) -> float:
@@ -140,11 +168,12 @@ def choose_rank(points: Sequence[SweepPoint], rule: SweepRule, *, ceiling: float
         raise ValueError(f"no finite metric among ranks {sorted(ranks)}: every run diverged")
     pick = max if rule.higher_is_better else min
     best = pick(finite, key=lambda p: (p.metric, -p.rank) if rule.higher_is_better else (p.metric, p.rank))
-    longest = max(p.seconds for p in points)
+    basis = FLOPS if all(p.flops is not None for p in points) else SECONDS
+    longest = max(_cost(p, basis) for p in points)
     rows = []
     for point in sorted(points, key=lambda p: p.rank):
         share = quality(point.metric, best.metric, higher_is_better=rule.higher_is_better, ceiling=ceiling)
-        time_share = point.seconds / longest if longest > 0 else 1.0
+        time_share = _cost(point, basis) / longest if longest > 0 else 1.0
         rows.append(
             RankRow(
                 point=point,
@@ -161,22 +190,24 @@ def choose_rank(points: Sequence[SweepPoint], rule: SweepRule, *, ceiling: float
         row = good[0]
         reason = (
             f"smallest rank with {threshold} ({row.quality_text(rule)}) in <= {percent(rule.time_fraction)} of the "
-            f"longest time ({row.time_text(rule)})"
+            f"{costliest(basis)} ({row.time_text(rule)})"
         )
-        return SweepDecision(tuple(rows), row.point.rank, True, best.rank, reason, rule, ceiling)
+        return SweepDecision(tuple(rows), row.point.rank, True, best.rank, reason, rule, ceiling, basis)
     row = next(row for row in rows if row.meets_metric)
     reason = (
-        f"no rank reached {threshold} in <= {percent(rule.time_fraction)} of the longest time (r={row.point.rank} "
-        f"took {row.time_text(rule)}); chose the smallest rank reaching {threshold} ({row.quality_text(rule)})"
+        f"no rank reached {threshold} in <= {percent(rule.time_fraction)} of the {costliest(basis)} "
+        f"(r={row.point.rank} took {row.time_text(rule)}); chose the smallest rank reaching {threshold} "
+        f"({row.quality_text(rule)})"
     )
-    return SweepDecision(tuple(rows), row.point.rank, False, best.rank, reason, rule, ceiling)
+    return SweepDecision(tuple(rows), row.point.rank, False, best.rank, reason, rule, ceiling, basis)
 
 
 def decide(records: Sequence[Mapping[str, Any]], rule: SweepRule) -> SweepDecision:
     """The decision from the per-rank records the sweep items report (as JSON-like dicts).
 
-    Each record holds rank, metric, seconds, metric_name, higher_is_better and ceiling, plus details kept
-    for the report. The policy's `rule` gives the thresholds; the records give the metric and its direction.
+    Each record holds rank, metric, seconds, flops (None when unknown), metric_name, higher_is_better and
+    ceiling, plus details kept for the report. The policy's `rule` gives the thresholds; the records give
+    the metric and its direction.
     """
     if not records:
         raise ValueError("no rank has a result (every item failed, was skipped or never called run())")
@@ -189,7 +220,8 @@ def decide(records: Sequence[Mapping[str, Any]], rule: SweepRule) -> SweepDecisi
             rank=r["rank"],
             metric=r["metric"],
             seconds=r["seconds"],
-            details={k: v for k, v in r.items() if k not in ("rank", "metric", "seconds")},
+            details={k: v for k, v in r.items() if k not in ("rank", "metric", "seconds", "flops")},
+            flops=r.get("flops"),
         )
         for r in records
     ]
@@ -214,6 +246,7 @@ def report_data(decision: SweepDecision, provenance: Mapping[str, Any]) -> dict[
     rule = asdict(decision.rule)
     rule["metric_ceiling"] = decision.ceiling
     rule["definition"] = definition(decision.rule, decision.ceiling)
+    rule["time_basis"] = decision.time_basis
     return {
         "schema": REPORT_SCHEMA,
         **provenance,
@@ -227,6 +260,7 @@ def report_data(decision: SweepDecision, provenance: Mapping[str, Any]) -> dict[
                 "rank": row.point.rank,
                 "metric": row.point.metric,
                 "seconds": row.point.seconds,
+                "flops": row.point.flops,
                 "quality": row.quality,
                 "time_share": row.time_share,
                 "meets_metric": row.meets_metric,
@@ -244,14 +278,16 @@ def markdown(decision: SweepDecision, title: str) -> str:
     lines = [
         f"## Rank sweep: {title}",
         "",
-        f"| rank | {rule.metric} | share of best | train time (s) | share of longest | "
-        f">= {percent(rule.metric_fraction)} of best | <= {percent(rule.time_fraction)} of time | chosen |",
-        "| ---: | ---: | ---: | ---: | ---: | :---: | :---: | :---: |",
+        f"| rank | {rule.metric} | share of best | train time (s) | model FLOPs | share of {decision.costliest} | "
+        f">= {percent(rule.metric_fraction)} of best | <= {percent(rule.time_fraction)} of {decision.costliest} | "
+        "chosen |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | :---: | :---: | :---: |",
     ]
     for row in decision.rows:
+        flops = "" if row.point.flops is None else f"{row.point.flops:.3g}"
         lines.append(
             f"| {row.point.rank} | {row.point.metric:.4g} | {row.quality_text(rule)} | {row.point.seconds:.3g} | "
-            f"{row.time_text(rule)} | {_mark(row.meets_metric)} | {_mark(row.meets_time)} | "
+            f"{flops} | {row.time_text(rule)} | {_mark(row.meets_metric)} | {_mark(row.meets_time)} | "
             f"{'**r=' + str(row.point.rank) + '**' if row.point.rank == decision.chosen else ''} |"
         )
     lines += ["", decision.summary(), "", f"Quality: {definition(rule, decision.ceiling)}.", ""]
@@ -263,7 +299,7 @@ def _mark(ok: bool) -> str:
 
 
 def plot(decision: SweepDecision, path: str | Path, title: str) -> bool:
-    """Rank vs metric and rank vs training time as one PNG; False (nothing written) without matplotlib."""
+    """Rank vs metric and rank vs training cost (the time side's basis) as one PNG; False without matplotlib."""
     try:
         import matplotlib
 
@@ -274,7 +310,7 @@ def plot(decision: SweepDecision, path: str | Path, title: str) -> bool:
     rule = decision.rule
     ranks = [row.point.rank for row in decision.rows]
     best = next(row.point.metric for row in decision.rows if row.point.rank == decision.best_rank)
-    longest = max(row.point.seconds for row in decision.rows)
+    costs = [decision.cost(row) for row in decision.rows]
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(9, 3.5))
     try:
         for axis, values, label, line, line_label in (
@@ -287,10 +323,10 @@ def plot(decision: SweepDecision, path: str | Path, title: str) -> bool:
             ),
             (
                 right,
-                [row.point.seconds for row in decision.rows],
-                "training time (s)",
-                rule.time_fraction * longest,
-                f"{percent(rule.time_fraction)} of longest",
+                costs,
+                "training cost (model FLOPs)" if decision.time_basis == FLOPS else "training time (s)",
+                rule.time_fraction * max(costs),
+                f"{percent(rule.time_fraction)} of {decision.costliest}",
             ),
         ):
             axis.plot(ranks, values, marker="o")

@@ -6,6 +6,8 @@ workers and GPUs. Each item trains briefly on a fraction of the data and records
 metric and training time in the test report's `user_properties`; reports travel from xdist
 workers to the controller, which applies the rule (`pytest_lora.sweep`) exactly as a serial run
 would, writes the JSON / Markdown / PNG report and names the chosen rank in the terminal summary.
+The default data is the planted-rank task (`pytest_lora.planted`): the summary then says whether the
+sweep found the planted rank, a calibration of the whole pipeline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from pytest_lora import planted
 from pytest_lora.errors import AdapterConfigError, PolicyError, SettingsError
 from pytest_lora.policy import SweepRule
 from pytest_lora.session import LoraSession
@@ -161,6 +164,8 @@ class SweepRun:
         The metric is the final validation loss, or `metric(model, val_ids)` (e.g. accuracy; its name is
         the policy's `sweep.metric` or the function's name, its direction the policy's `higher_is_better`
         unless given; `ceiling`: its perfect value, e.g. 1.0 for accuracy). Returns the metric.
+        `dataset` defaults to `builtin:planted-rank-8`, the calibration task (its update is on the output
+        head, which the config must adapt).
         """
         __tracebackhide__ = True
         from pytest_lora.counting import count_parameters
@@ -168,6 +173,10 @@ class SweepRun:
         rule = self._metric_rule(metric, higher_is_better)
         lora_config = self._config(config)
         data = self._fraction(self._policy_dataset() if dataset is None else dataset, seq_len, batch_size)
+        if isinstance(data, planted.PlantedData):
+            from pytest_lora.adapters import matched_modules
+
+            planted.check_targets(data, matched_modules(self._session.base(self._settings).model, lora_config))
         self._warm_up(lora_config, data, batch_size)
         steps = steps or rule.steps
         result = self._train(
@@ -181,6 +190,7 @@ class SweepRun:
                 "rank": self.rank,
                 "metric": value,
                 "seconds": result.step_time_s * result.steps,
+                "flops": _flops(result),
                 "metric_name": rule.metric,
                 "higher_is_better": rule.higher_is_better,
                 "ceiling": ceiling,
@@ -197,6 +207,7 @@ class SweepRun:
                 "dataset_fingerprint": result.data_fingerprint,
                 "train_sequences": len(data.train),
                 "val_sequences": len(data.val),
+                **_planted_fields(data),
                 "final_train_loss": result.losses[-1],
                 "val_losses": result.val_losses,
                 "config": _jsonable(lora_config.to_dict()),
@@ -237,10 +248,19 @@ class SweepRun:
         return lora_config
 
     def _fraction(self, dataset: Any, seq_len: int, batch_size: int) -> Any:
-        """The sweep's share of the training split (at least one batch); validation stays whole for a fair metric."""
+        """The sweep's share of the training split (at least one batch); validation stays whole for a fair metric.
+
+        The planted data is generated at a sweep's size (from the session's base, once per process), so
+        it is used whole.
+        """
         from pytest_lora import training
 
         base = self._session.base(self._settings).model
+        rank = planted.planted_rank(planted.DEFAULT_DATASET if dataset is None else dataset)
+        if rank is not None:
+            training.check_seq_len(seq_len, base)
+            self._session.manager(self._settings).detach()  # the teacher is the bare base
+            return planted.planted_data(base, rank, seq_len=seq_len, seed=self._settings.seed)
         data = training.model_data(base, dataset, seq_len=seq_len, seed=self._settings.seed)
         keep = min(len(data.train), max(batch_size, math.ceil(len(data.train) * self.rule.data_fraction)))
         name = f"{data.name}, first {keep} of {len(data.train)} training sequences"
@@ -264,6 +284,28 @@ class SweepRun:
         with manager.attached(config) as model:
             training.train(model, data, steps=_WARMUP_STEPS, batch_size=batch_size, eval_every=_WARMUP_STEPS)
         _warm_bases.add(manager.base)
+
+
+def _flops(result: Any) -> float | None:
+    """Model FLOPs of the run (`flops.step_flops` x tokens trained): the sweep's deterministic time basis.
+
+    None when the model's shape cannot be read (the sweep then compares measured seconds, and says so).
+    """
+    from pytest_lora.flops import step_flops
+    from pytest_lora.shapes import model_shape
+
+    try:
+        per_token = step_flops(model_shape(result.model), result.seq_len).model
+    except (AdapterConfigError, AttributeError, TypeError, ValueError):
+        return None
+    return per_token * result.steps * result.batch_size * result.seq_len
+
+
+def _planted_fields(data: Any) -> dict[str, Any]:
+    """What the report needs of a planted dataset to judge the sweep as a calibration."""
+    if not isinstance(data, planted.PlantedData):
+        return {}
+    return {"planted_rank": data.rank, "planted_floor": data.floor, "planted_base_loss": data.base_loss}
 
 
 def _jsonable(value: Any) -> Any:
@@ -333,6 +375,9 @@ class SweepRecorder:
                 "git_commit": commit,
                 "versions": versions,
             }
+            calibration = _calibration(decision)
+            if calibration is not None:
+                provenance["calibration"] = {"planted_rank": first["planted_rank"], "passed": calibration[0]}
             paths, notes = sweep.write_report(decision, provenance, directory, _file_name(group))
             uri = self.config.getoption("lora_mlflow")
             if uri:
@@ -362,16 +407,36 @@ class SweepRecorder:
                 terminalreporter.write_line(f"  no rank chosen: {decision}", red=True)
                 continue
             for row in decision.rows:
+                flops = "" if row.point.flops is None else f", {row.point.flops:.3g} FLOPs"
                 terminalreporter.write_line(
                     f"  r={row.point.rank:<4} {decision.rule.metric} {row.point.metric:.4g} "
                     f"({row.quality_text(decision.rule)} of best)"
-                    f"  time {row.point.seconds:.3g}s ({row.time_text(decision.rule)} of longest)"
+                    f"  time {row.point.seconds:.3g}s{flops} ({row.time_text(decision.rule)} of {decision.costliest})"
                 )
             met = decision.rule_met
             terminalreporter.write_line(f"  {decision.summary()}", green=met, yellow=not met)
+            calibration = _calibration(decision)
+            if calibration is not None:
+                terminalreporter.write_line(f"  {calibration[1]}", green=calibration[0], red=not calibration[0])
             for note in notes:
                 terminalreporter.write_line(f"  {note}")
             terminalreporter.write_line(f"  report: {', '.join(str(path) for path in paths)}")
+
+
+def _calibration(decision: Any) -> tuple[bool, str] | None:
+    """On the planted-rank data the right answer is known: did the sweep find it? None for other data."""
+    details = decision.rows[0].point.details
+    k = details.get("planted_rank")
+    if k is None:
+        return None
+    floor = f"floor {details['planted_floor']:.4g}, base {details['planted_base_loss']:.4g}"
+    if decision.chosen == k:
+        return True, f"calibration passed: the data plants rank {k} and the sweep chose r={k} ({floor})"
+    return False, (
+        f"calibration FAILED: the data plants rank {k} but the sweep chose r={decision.chosen} ({floor}); "
+        "this sweep's budget cannot tell ranks apart: raise sweep.steps or lr, and check that every rank "
+        "has the same alpha / r, before trusting its choice on real data"
+    )
 
 
 def _file_name(group: str) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 
 import pytest
 
+from pytest_lora import assert_no_plateau
+from pytest_lora.errors import LoraAssertionError, TrainingError
+from pytest_lora.planted import DEFAULT_DATASET, planted_data, planted_rank
 from pytest_lora.policy import SweepRule
 from pytest_lora.sweep import (
     SweepPoint,
@@ -26,6 +30,7 @@ pytestmark = pytest.mark.lora
 ACCURACY = SweepRule(ranks=(8, 16, 32), metric="accuracy", higher_is_better=True)
 # The guide's worked example: accuracy 92% / 94% / 94.1% at r = 8 / 16 / 32, time growing with r.
 GUIDE = [SweepPoint(8, 0.92, 10.0), SweepPoint(16, 0.94, 20.0), SweepPoint(32, 0.941, 40.0)]
+LOSS = {"metric_name": "val_loss", "higher_is_better": False, "ceiling": None}
 
 
 def test_the_guides_worked_example_chooses_r16() -> None:
@@ -67,6 +72,48 @@ def test_time_threshold_can_pick_a_larger_but_faster_rank() -> None:
     assert choose_rank(points, SweepRule(ranks=(4, 8, 16))).chosen == 8
 
 
+def test_the_time_side_compares_model_flops_so_timing_noise_cannot_move_the_choice() -> None:
+    """r=16 happened to run while the machine was idle: on seconds it looks 40% faster and wins; on FLOPs it
+    is the costliest run, as it is, and the choice stays with the smallest rank good enough."""
+    rule = SweepRule(ranks=(4, 8, 16))
+    points = [
+        SweepPoint(4, 2.2, 10.0, flops=1.0e9),
+        SweepPoint(8, 2.0, 10.0, flops=1.1e9),
+        SweepPoint(16, 2.0, 6.0, flops=1.3e9),
+    ]
+    decision = choose_rank(points, rule)
+    assert (decision.time_basis, decision.chosen, decision.rule_met) == ("model FLOPs", 8, False)
+    assert [round(row.time_share, 3) for row in decision.rows] == [0.769, 0.846, 1.0]
+    assert "no rank reached >= 95% of the best val_loss in <= 70% of the most model FLOPs (r=8 took 85%)" in (
+        decision.reason
+    )
+    on_seconds = choose_rank([dataclasses.replace(p, flops=None) for p in points], rule)
+    assert (on_seconds.time_basis, on_seconds.chosen, on_seconds.rule_met) == ("measured seconds", 16, True)
+    mixed = choose_rank([*points[:2], dataclasses.replace(points[2], flops=None)], rule)
+    assert mixed.time_basis == "measured seconds", "one rank without FLOPs: all are compared on seconds"
+    records = [{"rank": p.rank, "metric": p.metric, "seconds": p.seconds, "flops": p.flops, **LOSS} for p in points]
+    assert decide(records, rule).chosen == 8
+    data = report_data(decision, {})
+    assert data["rule"]["time_basis"] == "model FLOPs" and data["ranks"][2]["flops"] == 1.3e9
+    assert "| 8 | 2 | 100.0% | 10 | 1.1e+09 | 85% | yes | no | **r=8** |" in markdown(decision, "flops")
+
+
+def test_planted_dataset_names() -> None:
+    assert planted_rank("builtin:planted-rank-8") == planted_rank(DEFAULT_DATASET) == 8
+    assert planted_rank("builtin:planted-rank-12") == 12
+    assert planted_rank("data.jsonl") is None and planted_rank(None) is None
+    for bad in ("builtin:planted-rank-0", "builtin:planted-rank-x", "builtin:planted-rank-"):
+        with pytest.raises(TrainingError, match=f"dataset = '{bad}': the planted rank must be an int >= 1"):
+            planted_rank(bad)
+
+
+def test_a_planted_rank_the_head_cannot_hold_is_refused(lora_base_model) -> None:
+    with pytest.raises(TrainingError, match=r"rank 65 is larger than the head allows \(input size 64, 64 planted"):
+        planted_data(lora_base_model, 65, seq_len=8)
+    with pytest.raises(TrainingError, match="rank=0: the planted rank must be an int >= 1"):
+        planted_data(lora_base_model, 0, seq_len=8)
+
+
 def test_diverged_runs_never_win_and_bad_input_is_refused() -> None:
     points = [SweepPoint(4, math.nan, 1.0), SweepPoint(8, 2.0, 1.0), SweepPoint(16, 2.0, 3.0)]
     decision = choose_rank(points, SweepRule())
@@ -103,7 +150,8 @@ def test_report_data_and_markdown_carry_the_rule_and_the_choice() -> None:
     assert data["rule"]["metric_ceiling"] == 1.0 and "error ratio" in data["rule"]["definition"]
     assert [row["rank"] for row in data["ranks"]] == [8, 16, 32]
     table = markdown(decision, "guide")
-    assert "| 16 | 0.94 | 98.3% | 20 | 50% | yes | yes | **r=16** |" in table
+    assert "| 16 | 0.94 | 98.3% | 20 |  | 50% | yes | yes | **r=16** |" in table
+    assert "| share of longest time | >= 95% of best | <= 70% of longest time | chosen |" in table
 
 
 def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch) -> None:
@@ -178,6 +226,22 @@ def test_wrong_rank(lora_sweep):
 """
 
 
+PLANTED = """
+import pytest
+
+HEAD = {"target_modules": ["lm_head"]}
+
+
+def test_planted(lora_sweep):
+    lora_sweep.run(HEAD, steps=100, lr=3e-2, batch_size=32, seq_len=32)
+
+
+@pytest.mark.lora(sweep=[8])
+def test_planted_without_the_head(lora_sweep):
+    lora_sweep.run({"target_modules": ["q_proj", "v_proj"]}, seq_len=32)
+"""
+
+
 def _reports(directory) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))}
 
@@ -196,15 +260,27 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.usefixtures("one_thread")
 def test_sweep_items_choose_the_same_rank_serially_and_under_xdist(lora_pytester: pytest.Pytester) -> None:
+    """Both in file order (`-p no:randomly`); the planted sweep (100 steps, the others 3) must choose r=8."""
     lora_pytester.makepyprojecttoml("[tool.pytest_lora.policy.sweep]\nsteps = 3\n")
-    lora_pytester.makepyfile(test_sweeps=SWEEPS)
+    lora_pytester.makepyfile(test_sweeps=SWEEPS, test_planted=PLANTED)
     serial_dir, xdist_dir = lora_pytester.path / "serial", lora_pytester.path / "xdist"
-    result = lora_pytester.runpytest("-p", "pytest_lora.sweep_plugin", f"{SWEEP_DIR_OPTION}={serial_dir}")
-    result.assert_outcomes(passed=4, failed=2)
+    in_order = ("-p", "pytest_lora.sweep_plugin", "-p", "no:randomly")
+    result = lora_pytester.runpytest(*in_order, f"{SWEEP_DIR_OPTION}={serial_dir}")
+    result.assert_outcomes(passed=7, failed=3)
     result.stdout.fnmatch_lines(
         [
+            "*AdapterConfigError: dataset builtin:planted-rank-8 (seed 0: base + a rank-8 update of lm_head): "
+            "the planted rank-8 update is on the output head 'lm_head', but the config adapts q_proj, v_proj;*",
+            "*fix: add 'lm_head' to target_modules for the calibration, or pass your own dataset=",
             "*this item is the r=4 run of the sweep, but the config has r=8*",
             "*= lora rank sweep =*",
+            "test_planted.py::test_planted:",
+            "  r=4    val_loss * FLOPs (* of most model FLOPs)",
+            "  chosen rank: r=8 (rule NOT met: *",
+            "  calibration passed: the data plants rank 8 and the sweep chose r=8 (floor *, base *)",
+            "*",
+            "test_planted.py::test_planted_without_the_head:",
+            "  left out of the choice: r=8 (failed)",
             "test_sweeps.py::test_accuracy_sweep:",
             "  left out of the choice: r=16 (failed)",
             "  r=4    accuracy 0.8 (30.0% of best)*",
@@ -228,16 +304,27 @@ def test_sweep_items_choose_the_same_rank_serially_and_under_xdist(lora_pytester
     assert row["config"]["target_modules"] == ["q_proj", "v_proj"] and row["config"]["lora_alpha"] == 8
     assert loss["base_model"] == "builtin:tiny-llama" and len(loss["dataset_fingerprint"]) == 16
     assert loss["versions"]["peft"] and "git_commit" in loss
+    _check_planted(serial["test_planted.test_planted"])
 
-    result = lora_pytester.runpytest_subprocess(
-        "-p", "pytest_lora.sweep_plugin", "-n", "2", f"{SWEEP_DIR_OPTION}={xdist_dir}"
-    )
-    result.assert_outcomes(passed=4, failed=2)
+    result = lora_pytester.runpytest_subprocess(*in_order, "-n", "2", f"{SWEEP_DIR_OPTION}={xdist_dir}")
+    result.assert_outcomes(passed=7, failed=3)
     parallel = _reports(xdist_dir)
     assert parallel.keys() == serial.keys()
     for name, report in serial.items():
         assert parallel[name]["chosen_rank"] == report["chosen_rank"], name
+        assert parallel[name]["dataset_fingerprint"] == report["dataset_fingerprint"], name
         assert [r["metric"] for r in parallel[name]["ranks"]] == pytest.approx([r["metric"] for r in report["ranks"]])
+    _check_planted(parallel["test_planted.test_planted"])
+
+
+def _check_planted(report: dict) -> None:
+    """builtin:planted-rank-8: r=4 cannot fit the update and stays far above the floor; r=8 and r=16 fit it."""
+    losses = {row["rank"]: row["metric"] for row in report["ranks"]}
+    floor, base = report["ranks"][0]["planted_floor"], report["ranks"][0]["planted_base_loss"]
+    assert losses[4] > 1.1 * losses[8] and losses[16] < 1.05 * losses[8], losses
+    assert floor < losses[8] < base / 2, (floor, losses, base)
+    assert (report["chosen_rank"], report["calibration"]) == (8, {"planted_rank": 8, "passed": True})
+    assert report["rule"]["time_basis"] == "model FLOPs" and all(row["flops"] > 0 for row in report["ranks"])
 
 
 READ_STORE = """
@@ -303,7 +390,63 @@ def test_shown_shares_never_contradict_the_verdict() -> None:
         "chose the smallest rank reaching >= 95% of the best val_loss (100.0%)"
     )
     table = markdown(decision, "near the thresholds")
-    assert "| 4 | 2.105 | 94.999% | 10 | 10% | no | yes |  |" in table
-    assert "| 8 | 2 | 100.0% | 70 | 70.04% | yes | no | **r=8** |" in table
+    assert "| 4 | 2.105 | 94.999% | 10 |  | 10% | no | yes |  |" in table
+    assert "| 8 | 2 | 100.0% | 70 |  | 70.04% | yes | no | **r=8** |" in table
     exact = choose_rank([SweepPoint(8, 2.0, 70.0), SweepPoint(16, 2.0, 100.0)], SweepRule(ranks=(8, 16)))
     assert exact.rule_met and "(100.0%) in <= 70% of the longest time (70%)" in exact.reason
+
+
+def _order(result: pytest.RunResult) -> list[str]:
+    return [r.nodeid for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "call"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_planted_sweep_chooses_the_same_rank_in_random_orders(lora_pytester: pytest.Pytester) -> None:
+    """pytest-randomly seeds 1, 2, 3 run the items in three different orders; the choice stays r=8, as in file
+    order and under xdist (the test above), because the time side compares FLOPs, not seconds.
+
+    Skipped where pytest-randomly is not installed (it is not in the dev extra)."""
+    pytest.importorskip("pytest_randomly", reason="needs pytest-randomly for the random orders")
+    lora_pytester.makepyfile(test_planted=PLANTED)
+    reports, orders = [], set()
+    for seed in (1, 2, 3):
+        directory = lora_pytester.path / f"seed-{seed}"
+        result = lora_pytester.runpytest(
+            "-p",
+            "pytest_lora.sweep_plugin",
+            "-p",
+            "randomly",
+            f"--randomly-seed={seed}",
+            f"{SWEEP_DIR_OPTION}={directory}",
+        )
+        result.assert_outcomes(passed=3, failed=1)
+        result.stdout.fnmatch_lines([f"Using --randomly-seed={seed}"])
+        orders.add(tuple(_order(result)))
+        reports.append(_reports(directory)["test_planted.test_planted"])
+    assert len(orders) == 3, orders
+    for report in reports:
+        _check_planted(report)
+        assert report["dataset_fingerprint"] == reports[0]["dataset_fingerprint"]
+        assert [r["metric"] for r in report["ranks"]] == pytest.approx([r["metric"] for r in reports[0]["ranks"]])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_no_plateau_agrees_with_the_planted_rank(lora_base_model, lora_train, rank: int) -> None:
+    """Below k the loss stops approaching the floor (the teacher's own loss); at and above k it keeps closing in.
+
+    Judged on the validation loss's excess over the floor, the last third of the run against the rest: below
+    k it gains < 10% (measured over planted seeds 0-4: at most 8%), at and above k >= 10% (at least 14%).
+    A large batch on fresh data keeps the step noise below the progress of r >= k.
+    """
+    data = planted_data(lora_base_model, 8, seq_len=16, n_train=3200)
+    config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": ["lm_head"]}
+    result = lora_train(config, steps=100, lr=3e-2, batch_size=64, seq_len=16, dataset=data, eval_every=10)
+    excess = data.excess(result.val_losses)
+    rule = {"window": 1, "patience": 3, "min_points": 4, "min_delta": 0.1}
+    if rank < data.rank:
+        with pytest.raises(LoraAssertionError, match="stalled for the last 3 steps"):
+            assert_no_plateau(excess, **rule)
+        assert result.val_losses[-1] > 1.1 * data.floor, "the plateau is well above the floor"
+    else:
+        assert_no_plateau(excess, **rule)
