@@ -38,7 +38,7 @@ def test_failure_output_is_what_the_checks_print_today(pytester: pytest.Pytester
     assert marker, "the README lost its failure-output block"
     shutil.copy(ROOT / "examples" / "pyproject.toml", pytester.path / "pyproject.toml")
     shutil.copy(ROOT / marker.group(1), pytester.path / "test_failure_sample.py")
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")  # the README's order: file order
     result.assert_outcomes(failed=2)
     actual = [line.replace(f"{pytester.path}/", "") for line in result.stdout.lines if line.startswith("E ")]
     shown = [line for line in marker.group(2).splitlines() if line.startswith("E ")]
