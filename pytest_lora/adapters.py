@@ -303,13 +303,40 @@ def weights_digest(model: Any) -> str:
     digest = hashlib.sha256()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+        _update(digest, tensor)
         state = getattr(tensor, "quant_state", None)
         if state is not None:
             for key, value in sorted(state.as_dict(packed=True).items()):
                 digest.update(key.encode())
-                digest.update(value.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+                _update(digest, value)
     return digest.hexdigest()
+
+
+def parametrized_targets(model: Any) -> list[Any]:
+    """The base tensors PEFT adapts through `target_parameters` (its ParamWrapper layers).
+
+    PEFT parametrizes them for every forward and back, and torch's parametrize does `set_` of the
+    tensor to itself: their version counter moves with no write, so only their bytes can tell.
+    """
+    import torch
+
+    return [
+        param
+        for module in model.modules()
+        if isinstance(name := getattr(module, "parameter_name", None), str)
+        and isinstance(param := getattr(module.get_base_layer(), name, None), torch.Tensor)
+    ]
+
+
+def tensor_digest(tensor: Any) -> str:
+    """SHA-256 of one tensor's bytes."""
+    digest = hashlib.sha256()
+    _update(digest, tensor)
+    return digest.hexdigest()
+
+
+def _update(digest: Any, tensor: Any) -> None:
+    digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
 
 
 def _byte_dtype() -> Any:
@@ -363,6 +390,9 @@ class _Attachment:
     # object, not name: a name seen through the adapter ("q_proj.base_layer.bias") is gone once it is removed.
     saved_base_params: list[tuple[Any, Any]] = field(default_factory=list)
     owner: object = None  # who detaches it: a fixture's token, or None for direct `attach()` calls
+    # Base parameters adapted through `target_parameters` (see `parametrized_targets`), with a digest of
+    # their loaded bytes: detaching checks the bytes instead of the version counter.
+    parametrized: list[tuple[Any, str]] = field(default_factory=list)
 
 
 class AdapterManager:
@@ -417,7 +447,8 @@ class AdapterManager:
             for name, param in self.base.named_parameters()
             if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
         ]
-        self._active = _Attachment(peft_model, adapted, saved, owner)
+        parametrized = [(param, tensor_digest(param)) for param in parametrized_targets(peft_model)]
+        self._active = _Attachment(peft_model, adapted, saved, owner, parametrized)
         return peft_model
 
     def detach(self, owner: object = None) -> None:
@@ -445,6 +476,7 @@ class AdapterManager:
         with torch.no_grad():
             for param, saved in attachment.saved_base_params:
                 param.copy_(saved)
+        self.clean.accept(param for param, digest in attachment.parametrized if tensor_digest(param) == digest)
         self._restore_own_flags([param for param, _ in attachment.saved_base_params])
 
     def _weight_rewritten(self, name: str) -> bool:

@@ -94,6 +94,11 @@ def fix_options(shape: ModelShape, estimate: MemoryEstimate, budget: int | None 
 def _budget(model: Any, estimate: MemoryEstimate, budget_bytes: int | None) -> tuple[int, int, str]:
     """(budget, bytes of the estimate that count against it, where the budget comes from)."""
     if budget_bytes is not None:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not 0 < budget_bytes < 2**63:
+            raise PolicyError(
+                f"assert_fits_memory: budget_bytes = {budget_bytes!r} is not a number of bytes.\n"
+                "  fix: pass a positive, finite byte count, e.g. budget_bytes=24 * 2**30 for 24 GiB"
+            )
         return int(budget_bytes), estimate.device_total, "budget_bytes"
     policy = active_policy()
     if policy.memory_budget_gb is not None:

@@ -515,16 +515,26 @@ class InvalidLoraValue(NamedTuple):
 @st.composite
 def _misspelled(draw: st.DrawFn, names: Sequence[str]) -> str:
     """One edit (drop, change, insert or swap a letter) away from a real name, and not a real name."""
-    name = draw(st.sampled_from(names))
-    i = draw(st.integers(0, len(name) - 1))
-    letter = draw(st.sampled_from(string.ascii_lowercase + "_"))
-    edits = [name[:i] + name[i + 1 :], name[:i] + letter + name[i + 1 :], name[:i] + letter + name[i:]]
-    if i + 1 < len(name):
-        edits.append(name[:i] + name[i + 1] + name[i] + name[i + 2 :])
-    typo = draw(st.sampled_from(edits))
-    if not typo or typo in names:
-        typo = name + "s"
-    return typo
+    return draw(st.sampled_from(typos(draw(st.sampled_from(names)), names)))
+
+
+def typos(name: str, names: Collection[str] = ()) -> list[str]:
+    """Every one-edit misspelling of `name` that is none of `names` nor a layer name of a common family:
+    one edit turns q_proj into o_proj, a real layer even when the caller draws from a subset of them."""
+    letters = string.ascii_lowercase + "_"
+    edits = [name[:i] + name[i + 1 :] for i in range(len(name))]
+    edits += [name[:i] + c + name[i + 1 :] for i in range(len(name)) for c in letters]
+    edits += [name[:i] + c + name[i:] for i in range(len(name) + 1) for c in letters]
+    edits += [name[:i] + name[i + 1] + name[i] + name[i + 2 :] for i in range(len(name) - 1)]
+    real = {*names, *_COMMON_LAYERS, name}
+    return [typo for typo in dict.fromkeys(edits) if typo and typo not in real] or [name + "s"]
+
+
+_COMMON_LAYERS = frozenset(
+    {*LLAMA_TARGETS, "qkv_proj", "gate_up_proj", "out_proj", "fc1", "fc2", "dense", "c_attn", "c_proj", "c_fc"}
+    | {"query_key_value", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3", "gate", "lm_head", "embed_tokens"}
+    | {"q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1", "query", "key", "value"}
+)
 
 
 _WRONG_SCALARS = {

@@ -172,6 +172,18 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _frozen_state(model: Any) -> dict[str, tuple[int, int | str]]:
+    """Each frozen tensor's storage and write count; one PEFT parametrizes (`target_parameters`) by its bytes."""
+    from pytest_lora.adapters import parametrized_targets, tensor_digest
+
+    wrapped = {id(param) for param in parametrized_targets(model)}
+    return {
+        name: (param.data_ptr(), tensor_digest(param) if id(param) in wrapped else param._version)
+        for name, param in model.named_parameters()
+        if not param.requires_grad
+    }
+
+
 def device_of(model: Any) -> str:
     for param in model.parameters():
         return str(param.device)
@@ -407,7 +419,7 @@ def _train(
             "the model has no trainable parameters, so there is nothing to train.\n"
             "  fix: pass a PeftModel (lora_model(config)) or a LoraConfig to lora_train"
         )
-    base_state = {n: (p.data_ptr(), p._version) for n, p in model.named_parameters() if not p.requires_grad}
+    base_state = _frozen_state(model)
     before = {n: p.detach().clone() for n, p in trainable.items()}
     eval_every = eval_every or max(1, steps // 8)
     inputs = objective(model)
@@ -455,7 +467,6 @@ def _train(
                 val_steps.append(step)
         model.eval()
     changed = [n for n, p in trainable.items() if not torch.equal(p.detach(), before[n])]
-    base_now = {n: (p.data_ptr(), p._version) for n, p in model.named_parameters() if not p.requires_grad}
     tokens = steps * batch_size * data.train.shape[1]
     return TrainResult(
         losses=losses,
@@ -469,7 +480,7 @@ def _train(
         model=model,
         changed_lora=changed,
         unchanged_lora=[n for n in trainable if n not in changed],
-        base_unchanged=base_now == base_state,
+        base_unchanged=_frozen_state(model) == base_state,
         steps=steps,
         seed=seed,
         lr=lr,

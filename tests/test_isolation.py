@@ -206,3 +206,36 @@ def test_probe(probe):
     option = ["--lora-model", f"builtin:{model}"] if spelling == "space" else [f"--lora-model=builtin:{model}"]
     result = leak_pytester.runpytest("-p", "no:randomly", *option)
     result.assert_outcomes(passed=3)
+
+
+def test_training_fused_experts_through_target_parameters_is_no_write(leak_pytester: pytest.Pytester) -> None:
+    """PEFT parametrizes `target_parameters` for every forward (`set_` of the tensor to itself): their
+    version counters move without a write. Training them passes; a real write to them still fails by name."""
+    leak_pytester.makepyfile(
+        """
+import pytest, torch
+from peft import LoraConfig
+CFG = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+
+def test_train(lora_train):
+    assert lora_train(CFG, steps=2, batch_size=4, seq_len=32).base_unchanged
+
+def test_write_after_training(lora_model, lora_train):
+    model = lora_model(CFG)
+    lora_train(model, steps=2, batch_size=4, seq_len=32)
+    with torch.no_grad():
+        model.get_base_model().model.layers[1].mlp.experts.get_base_layer().gate_up_proj.mul_(2)
+
+def test_probe(probe):
+    probe()
+"""
+    )
+    result = leak_pytester.runpytest("-p", "no:randomly", "--lora-model=builtin:tiny-mixtral")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_write_after_training*",
+            "*base tensors were written in place*model.layers.1.mlp.experts.gate_up_proj: written in place*",
+        ]
+    )
+    assert "model.layers.0.mlp.experts" not in result.stdout.str()

@@ -364,6 +364,12 @@ def test_budget_from_the_policy_in_gib():
     assert "memory_budget_gb = " in str(info.value)
 
 
+@pytest.mark.parametrize("budget", [float("inf"), float("nan"), 0, -1, True, "24GB", 2**70])
+def test_a_budget_that_is_no_byte_count_is_a_policy_error(budget):
+    with pytest.raises(PolicyError, match=re.escape(f"budget_bytes = {budget!r} is not a number of bytes")):
+        assert_fits_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=512, budget_bytes=budget)
+
+
 def test_no_budget_and_no_gpu_is_a_clear_error(lora_base_model):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the free memory is the budget")

@@ -22,6 +22,7 @@ from pytest_lora.strategies import (
     invalid_lora_values,
     lora_configs,
     policy_configs,
+    typos,
 )
 
 TEAM = Policy(ranks=(4, 8, 16), required_targets=("q_proj", "v_proj"), forbidden_targets=("lm_head",))
@@ -239,6 +240,14 @@ def test_each_invalid_value_is_the_one_wrong_field(bad):
     else:
         assert bad.field == "rank_pattern" and bad.value in config.rank_pattern
         assert bad.value not in config.target_modules
+
+
+def test_a_misspelled_target_is_never_a_real_layer():
+    """Drawn from a subset of a model's layers (["q_proj"]), o_proj is one edit away and a real layer."""
+    found = typos("q_proj", ["q_proj"])
+    assert {"q_pro", "q_prjo", "qq_proj", "w_proj"} <= set(found)
+    assert not {"o_proj", "k_proj", "v_proj", "q_proj", ""} & set(found)
+    assert typos("q", ["q"]) and not {"k", "v", "o", "q"} & set(typos("q", ["q"]))
 
 
 def test_invalid_values_validate_their_argument():
