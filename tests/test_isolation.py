@@ -115,7 +115,7 @@ def test_each_leak_is_undone_and_named_in_both_orders(
 def test_each_leak_is_undone_under_random_orders(
     leak_pytester: pytest.Pytester, golden: list[float], seed: int
 ) -> None:
-    pytest.importorskip("pytest_randomly")
+    pytest.importorskip("pytest_randomly", reason="needs pytest-randomly (the dev extra has it)")
     leak_pytester.makepyfile(_leak_file(list(LEAKS), golden))
     result = leak_pytester.runpytest("-p", "randomly", f"--randomly-seed={seed}")
     _assert_each_leak_named(result)

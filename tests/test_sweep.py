@@ -405,7 +405,7 @@ def test_the_planted_sweep_chooses_the_same_rank_in_random_orders(lora_pytester:
     """pytest-randomly seeds 1, 2, 3 run the items in three different orders; the choice stays r=8, as in file
     order and under xdist (the test above), because the time side compares FLOPs, not seconds.
 
-    Skipped where pytest-randomly is not installed (it is not in the dev extra)."""
+    Skipped where pytest-randomly is not installed (the dev extra has it)."""
     pytest.importorskip("pytest_randomly", reason="needs pytest-randomly for the random orders")
     lora_pytester.makepyfile(test_planted=PLANTED)
     reports, orders = [], set()
