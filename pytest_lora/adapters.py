@@ -447,7 +447,8 @@ class AdapterManager:
             for name, param in self.base.named_parameters()
             if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
         ]
-        parametrized = [(param, tensor_digest(param)) for param in parametrized_targets(peft_model)]
+        # Only a tensor unwritten since the clean snapshot may be vouched for by its bytes now.
+        parametrized = [(p, tensor_digest(p)) for p in parametrized_targets(peft_model) if self.clean.unwritten(p)]
         self._active = _Attachment(peft_model, adapted, saved, owner, parametrized)
         return peft_model
 

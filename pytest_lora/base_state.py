@@ -178,6 +178,14 @@ class BaseState:
             if "training" in saved.attrs:
                 vars(saved.obj)["training"] = saved.attrs["training"]
 
+    def unwritten(self, obj: Any) -> bool:
+        """The tensor is one of the snapshot's and has not been written in place since."""
+        return any(
+            tensor.obj is obj and tensor.alias._version == tensor.version
+            for saved in self.modules.values()
+            for tensor in saved.tensors.values()
+        )
+
     def accept(self, tensors: Iterable[Any]) -> None:
         """Take the current version of these tensors as clean (after a restore by copy)."""
         wanted = {id(t) for t in tensors}

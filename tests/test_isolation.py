@@ -210,7 +210,8 @@ def test_probe(probe):
 
 def test_training_fused_experts_through_target_parameters_is_no_write(leak_pytester: pytest.Pytester) -> None:
     """PEFT parametrizes `target_parameters` for every forward (`set_` of the tensor to itself): their
-    version counters move without a write. Training them passes; a real write to them still fails by name."""
+    version counters move without a write. Training them passes; a real write to them, after training or
+    before the adapter is attached, still fails by name."""
     leak_pytester.makepyfile(
         """
 import pytest, torch
@@ -228,14 +229,24 @@ def test_write_after_training(lora_model, lora_train):
 
 def test_probe(probe):
     probe()
+
+def test_write_then_attach(lora_base_model, lora_model):
+    with torch.no_grad():
+        lora_base_model.model.layers[1].mlp.experts.gate_up_proj.mul_(2)
+    lora_model(CFG)
+
+def test_probe_again(probe):
+    probe()
 """
     )
     result = leak_pytester.runpytest("-p", "no:randomly", "--lora-model=builtin:tiny-mixtral")
-    result.assert_outcomes(passed=3, errors=1)
+    result.assert_outcomes(passed=5, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*ERROR at teardown of test_write_after_training*",
             "*base tensors were written in place*model.layers.1.mlp.experts.gate_up_proj: written in place*",
+            "*ERROR at teardown of test_write_then_attach*",
+            "*base tensors were written in place*model.layers.1.mlp.experts.gate_up_proj: written in place (1x)*",
         ]
     )
     assert "model.layers.0.mlp.experts" not in result.stdout.str()
