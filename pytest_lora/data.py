@@ -164,7 +164,7 @@ def _read(source: Any) -> tuple[list[_Records], str]:
 
 def _jsonl(path: Path, where: str) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path, where).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append((f"line {number}", json.loads(line)))
@@ -175,8 +175,19 @@ def _jsonl(path: Path, where: str) -> list[tuple[str, Any]]:
     return rows
 
 
+def _read_text(path: Path, where: str) -> str:
+    """UTF-8, with or without the byte-order mark Windows tools write; anything else named, with the fix."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TrainingError(
+            f"dataset {where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}).\n"
+            f"  fix: convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}`"
+        ) from None
+
+
 def _json(path: Path, where: str) -> list[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, where)
     if not text.strip():
         return []
     try:
@@ -194,7 +205,7 @@ def _json(path: Path, where: str) -> list[tuple[str, Any]]:
 
 
 def _txt(path: Path, where: str) -> list[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, where)
     return [("the file", {"text": text})] if text.strip() else []
 
 

@@ -65,7 +65,7 @@ def planted_rank(dataset: Any) -> int | None:
     if match is None:
         return None
     text = match.group(1)
-    if not text.isdigit() or int(text) < 1:
+    if not re.fullmatch("[0-9]+", text) or int(text) < 1:
         raise TrainingError(
             f"dataset = {dataset!r}: the planted rank must be an int >= 1.\n  fix: e.g. {DEFAULT_DATASET!r}"
         )
@@ -120,9 +120,17 @@ def check_targets(data: PlantedData, adapted: list[str]) -> None:
 def _generate(model: Any, rank: int, seq_len: int, seed: int, n_train: int, n_val: int) -> PlantedData:
     import torch
 
+    from pytest_lora.models import model_task
     from pytest_lora.training import guard_cpu_repack
 
     guard_cpu_repack(model)
+    task = model_task(model)
+    if task != "CAUSAL_LM":
+        raise TrainingError(
+            f"dataset {PLANTED_PREFIX}{rank}: planted data is sampled from a causal LM's output head, and "
+            f"{type(model).__name__} is a {task} model.\n"
+            "  fix: pass your own dataset= (a file, a Hugging Face dataset, token ids) for this model"
+        )
     head = model.get_output_embeddings()
     hidden, vocab = int(head.in_features), int(head.out_features)
     alphabet_size = min(ALPHABET, vocab)

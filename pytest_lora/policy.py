@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
@@ -85,6 +86,12 @@ class SweepRule:
         _check(self, {"steps": (1, None, False, False)})
         if not self.metric:
             raise ValueError('metric = "" is empty; name a metric, e.g. "val_loss"')
+        builtin = isinstance(self.dataset, str) and self.dataset.startswith("builtin:")
+        if builtin and not re.fullmatch("builtin:planted-rank-[1-9][0-9]*", str(self.dataset)):
+            raise ValueError(
+                f"dataset = {show(self.dataset)} is no built-in dataset; use 'builtin:planted-rank-K' "
+                "(K >= 1, e.g. 'builtin:planted-rank-8'), or a data file"
+            )
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ OPTIMIZERS: dict[str, OptimizerState] = {
     "adamw": OptimizerState("adam", param_dtype=True),
     "adam": OptimizerState("adam", param_dtype=True),
     "adamw_torch": OptimizerState("adam", param_dtype=True),
+    "adamw_torch_fused": OptimizerState("adam", param_dtype=True),  # transformers' default with torch >= 2.8
+    "paged_adamw": OptimizerState("adam", paged=True),
     "adamw_8bit": OptimizerState("adam", bits=8),
     "adamw_bnb_8bit": OptimizerState("adam", bits=8),
     "paged_adamw_32bit": OptimizerState("adam", paged=True),

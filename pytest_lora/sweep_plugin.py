@@ -432,6 +432,13 @@ def _calibration(decision: Any) -> tuple[bool, str] | None:
     floor = f"floor {details['planted_floor']:.4g}, base {details['planted_base_loss']:.4g}"
     if decision.chosen == k:
         return True, f"calibration passed: the data plants rank {k} and the sweep chose r={k} ({floor})"
+    swept = [row.point.rank for row in decision.rows]
+    if k not in swept:
+        return False, (
+            f"calibration not possible: the data plants rank {k} but the sweep's ranks are "
+            f"{', '.join(map(str, swept))} ({floor}).\n    fix: sweep r={k} too, or plant one of the swept ranks "
+            f"(dataset='builtin:planted-rank-{swept[len(swept) // 2]}')"
+        )
     return False, (
         f"calibration FAILED: the data plants rank {k} but the sweep chose r={decision.chosen} ({floor}); "
         "this sweep's budget cannot tell ranks apart: raise sweep.steps or lr, and check that every rank "

@@ -240,7 +240,9 @@ def objective(model: Any) -> Objective:
     """The forward keywords for a batch of token ids `[b, seq_len]`, by the model's task.
 
     - causal LM: the sequence is its own labels (the model shifts them);
-    - seq2seq LM: the encoder reads the first half, the decoder is trained to write the second half;
+    - seq2seq LM: the encoder reads the first half, the decoder is trained to write the second half; with
+      prompt/response labels, the encoder reads the row with its responses blanked (pad) and the decoder
+      writes the responses, the loss on them only;
     - classification: labels are a deterministic function of the tokens, learnable by attention. A
       token's vocabulary bin is `id * num_labels // vocab_size`; a token is labelled with its bin, a
       sequence with the mean bin of its tokens, rounded (with 2 labels: are most tokens in the upper
@@ -251,6 +253,7 @@ def objective(model: Any) -> Objective:
     config = unwrapped(model).config
     classes, vocab = int(config.num_labels), int(config.vocab_size)
     problem = getattr(config, "problem_type", None)
+    blank = getattr(config, "pad_token_id", None) or 0
 
     def inputs(batch: Any, labels: Any = None) -> dict[str, Any]:
         import torch
@@ -258,6 +261,8 @@ def objective(model: Any) -> Objective:
         if task == "CAUSAL_LM":  # text data brings its own labels: -100 where no loss is taken (prompts)
             return {"input_ids": batch, "labels": batch if labels is None else labels}
         if task == "SEQ_2_SEQ_LM":
+            if labels is not None:  # prompt/response rows: the encoder reads the prompts, responses blanked
+                return {"input_ids": torch.where(labels == -100, batch, blank), "labels": labels}
             source, target = batch.tensor_split(2, dim=1)
             return {"input_ids": source.contiguous(), "labels": target.contiguous()}
         bins = batch * classes // vocab
@@ -546,7 +551,25 @@ def model_data(model: Any, dataset: Any, *, seq_len: int, seed: int) -> TokenDat
         raise TrainingError(f"lora_train: {problem}")
     if text_data.is_text_source(dataset):
         dataset = text_data.load(dataset, model=model, seq_len=seq_len, seed=seed)
+    elif isinstance(dataset, str):
+        return _builtin_data(model, dataset, seq_len=seq_len, seed=seed)
     return coerce_data(dataset, seq_len=seq_len, vocab_size=model.config.vocab_size, seed=seed)
+
+
+def _builtin_data(model: Any, name: str, *, seq_len: int, seed: int) -> TokenData:
+    """`builtin:planted-rank-K`, sampled from the base (the adapter switched off, so the teacher is the base)."""
+    from pytest_lora import planted
+
+    rank = planted.planted_rank(name)
+    if rank is None:
+        raise TrainingError(
+            f"dataset = {name!r}: no such built-in dataset; the built-in one is "
+            f"'{planted.PLANTED_PREFIX}K' (K >= 1).\n  fix: e.g. dataset={planted.DEFAULT_DATASET!r}, "
+            "or a path to your own .jsonl / .json / .txt / .parquet"
+        )
+    disabled = getattr(model, "disable_adapter", None)
+    with disabled() if callable(disabled) else nullcontext():
+        return planted.planted_data(unwrapped(model), rank, seq_len=seq_len, seed=seed)
 
 
 def check_seq_len(seq_len: int, model: Any) -> None:

@@ -4,6 +4,7 @@ trained on with the loss on the response tokens only; bad data refused with the 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -238,6 +239,21 @@ BAD_DATA = {
         "dataset numbers.jsonl line 1: field 'n' = 1 (int) is not a string.",
         "fix: that field must hold text",
     ),
+    "not-utf8": (
+        'lora_train(cfg(), dataset="latin1.txt")',
+        "dataset latin1.txt: not UTF-8 text (byte 0xe9 at offset 3).",
+        "fix: convert it, e.g. `iconv -f latin1 -t utf-8 latin1.txt > utf8-latin1.txt`",
+    ),
+    "unknown-builtin": (
+        'lora_train(cfg(), dataset="builtin:nope")',
+        "dataset = 'builtin:nope': no such built-in dataset; the built-in one is 'builtin:planted-rank-K' (K >= 1).",
+        "fix: e.g. dataset='builtin:planted-rank-8', or a path to your own .jsonl / .json / .txt / .parquet",
+    ),
+    "planted-rank-not-a-number": (
+        'lora_train(cfg(), dataset="builtin:planted-rank-\u00b2")',
+        "dataset = 'builtin:planted-rank-\u00b2': the planted rank must be an int >= 1.",
+        "fix: e.g. 'builtin:planted-rank-8'",
+    ),
     "unsupported-type": (
         'lora_train(cfg(), dataset="table.csv")',
         "dataset table.csv: unsupported file type '.csv'.",
@@ -256,6 +272,7 @@ def test_bad_data_gets_a_message_naming_the_file_the_field_and_the_fix(lora_pyte
     (root / "short.txt").write_text("hello there\n")
     (root / "broken.jsonl").write_text(json.dumps(PAIRS[0]) + "\n{oops\n")
     (root / "table.csv").write_text("prompt,response\n")
+    (root / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     _tokenizer(root / "big-tokenizer", extra=300)
     tests = "".join(
         f"\n\ndef test_{case.replace('-', '_')}(lora_train):\n    {body}\n" for case, (body, *_) in BAD_DATA.items()
@@ -323,3 +340,19 @@ def test_train_benchmark_and_the_policys_sweep_take_a_file(lora_pytester: pytest
     result.assert_outcomes(passed=5)
     (report,) = (root / "out").glob("*.json")
     assert json.loads(report.read_text())["dataset"].startswith(f"{root / 'data' / 'pairs.jsonl'} (pairs, bytes")
+
+
+def test_lora_train_takes_the_planted_data_by_name(lora_train) -> None:
+    """The calibration data outside the sweep: sampled from the base with the adapter switched off."""
+    config = {"r": 8, "lora_alpha": 16, "target_modules": ["lm_head"]}
+    result = lora_train(config, steps=2, batch_size=8, seq_len=16, dataset="builtin:planted-rank-8")
+    assert result.data_name.startswith("builtin:planted-rank-8 (seed 0: base + a rank-8 update of lm_head)")
+    assert result.val_losses and all(math.isfinite(loss) for loss in result.val_losses)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(lora_base_model, tmp_path) -> None:
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    _jsonl(plain, PAIRS)
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    rows = [_rows(training.model_data(lora_base_model, path, seq_len=32, seed=0)) for path in (plain, marked)]
+    assert rows[0] == rows[1]

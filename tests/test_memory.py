@@ -151,10 +151,11 @@ def test_activations_scale_with_batch_and_shrink_with_checkpointing():
 def test_optimizer_state_by_optimizer():
     sizes = {
         name: estimate_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=8, optimizer=name).optimizer_state
-        for name in ("adamw", "adamw_8bit", "sgd")
+        for name in ("adamw", "adamw_torch_fused", "adamw_8bit", "sgd")
     }
     # bitsandbytes' 8-bit moments: 1 B per value each, plus one fp32 absmax per 256 values each
-    assert sizes == {"adamw": 8 * 4_194_304, "adamw_8bit": 2 * 4_194_304 + 2 * 4 * (4_194_304 // 256), "sgd": 0}
+    eight_bit = 2 * 4_194_304 + 2 * 4 * (4_194_304 // 256)
+    assert sizes == {"adamw": 8 * 4_194_304, "adamw_torch_fused": 8 * 4_194_304, "adamw_8bit": eight_bit, "sgd": 0}
     with pytest.raises(ValueError, match="optimizer='lion'"):
         estimate_memory(LLAMA_2_7B, lora_config(8), batch_size=1, seq_len=8, optimizer="lion")
 

@@ -239,6 +239,8 @@ def test_int_is_a_float_but_bool_is_not_an_int():
         ({"memory_budget_gb": 1e308}, "memory_budget_gb = 1e+308 is out of range; use a value in (0, 1048576]"),
         ({"resume_rank": 2**63}, "is out of range: TOML integers are 64-bit"),
         ({"sweep": {"steps": 0}}, "sweep: steps = 0 is out of range; use a value >= 1."),
+        ({"sweep": {"dataset": "builtin:planted-rank-0"}}, "sweep: dataset = 'builtin:planted-rank-0' is no built-in"),
+        ({"sweep": {"dataset": "builtin:nope"}}, "sweep: dataset = 'builtin:nope' is no built-in dataset; use 'bu"),
         (
             {"sweep": {"metric_fraction": 0}},
             "sweep: metric_fraction = 0.0 is out of range; use a value in (0, 1]",
@@ -391,7 +393,7 @@ def test_memory_recipe_table(tmp_path):
 @pytest.mark.parametrize(
     ("memory", "expected"),
     [
-        ({"optimizer": "lion"}, "memory: optimizer='lion' is not one of adamw, adam, adamw_torch, adamw_8bit, "),
+        ({"optimizer": "lion"}, "memory: optimizer='lion' is not one of adamw, adam, adamw_torch, "),
         ({"adapter_dtype": "fp8"}, "memory: adapter_dtype='fp8' is not one of float32, bfloat16, float16; use one"),
         ({"master_weights": True, "adapter_dtype": "float32"}, "memory: master_weights=true needs 16-bit adapters"),
         ({"device": "gpu"}, "memory: device='gpu' is not one of auto, cuda, cpu; use one of those."),

@@ -23,7 +23,7 @@ from pytest_lora.sweep import (
     report_data,
     write_report,
 )
-from pytest_lora.sweep_plugin import SWEEP_DIR_OPTION
+from pytest_lora.sweep_plugin import SWEEP_DIR_OPTION, _calibration
 
 pytestmark = pytest.mark.lora
 
@@ -450,3 +450,15 @@ def test_no_plateau_agrees_with_the_planted_rank(lora_base_model, lora_train, ra
         assert result.val_losses[-1] > 1.1 * data.floor, "the plateau is well above the floor"
     else:
         assert_no_plateau(excess, **rule)
+
+
+def test_a_calibration_that_could_not_pass_says_so_and_gives_the_fix() -> None:
+    """The planted rank was not swept: no budget could pass the calibration, so "raise steps" would mislead."""
+    details = {"planted_rank": 8, "planted_floor": 1.9, "planted_base_loss": 5.6}
+    points = [SweepPoint(rank, loss, 10.0, details) for rank, loss in ((4, 2.5), (16, 2.0), (32, 2.0))]
+    passed, message = _calibration(choose_rank(points, SweepRule(ranks=(4, 16, 32))))
+    assert not passed
+    assert message == (
+        "calibration not possible: the data plants rank 8 but the sweep's ranks are 4, 16, 32 (floor 1.9, base 5.6)."
+        "\n    fix: sweep r=8 too, or plant one of the swept ranks (dataset='builtin:planted-rank-16')"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -115,6 +116,11 @@ def test_the_objective_per_task() -> None:
     assert seq2seq["input_ids"].tolist() == [[0, 10], [130, 140]]
     assert seq2seq["labels"].tolist() == [[200, 250], [150, 5]]
     assert seq2seq["labels"].is_contiguous()
+    # prompt/response rows (-100 on the prompt): the encoder sees the prompt, the decoder learns the response
+    labels = torch.tensor([[-100, -100, 200, 250], [-100, 140, -100, 5]])
+    pairs = objective(_fake("T5ForConditionalGeneration", is_encoder_decoder=True, pad_token_id=0))(batch, labels)
+    assert pairs["input_ids"].tolist() == [[0, 10, 0, 0], [130, 0, 150, 0]]
+    assert pairs["labels"] is labels
     # two labels: are most tokens in the upper half of the vocabulary (ids >= 128)? 2 of 4 rounds to even
     assert objective(_fake("BertForSequenceClassification"))(batch)["labels"].tolist() == [0, 1]
     three = objective(_fake("BertForSequenceClassification", num_labels=3))(batch)["labels"]
@@ -245,3 +251,19 @@ def test_an_unsupported_head_fails_with_the_fix(lora_pytester: pytest.Pytester, 
         ]
     )
     assert "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.lora(model=T5)
+def test_t5_learns_prompt_response_pairs_on_the_responses(lora_train) -> None:
+    """Before: the labels were dropped and the decoder trained on prompt tokens too (27% of its targets)."""
+    data = Path(__file__).parents[1] / "examples" / "data" / "unit_conversions.jsonl"
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    result = lora_train(config, steps=12, lr=2e-2, seq_len=32, dataset=data, eval_every=12)
+    assert result.losses[-1] < result.losses[0] and result.base_unchanged
+
+
+@pytest.mark.lora(model=T5)
+def test_planted_data_needs_a_causal_lm(lora_train) -> None:
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
+    with pytest.raises(TrainingError, match=r"T5ForConditionalGeneration is a SEQ_2_SEQ_LM model\.\n  fix: pass your"):
+        lora_train(config, steps=1, seq_len=32, dataset="builtin:planted-rank-8")
