@@ -16,8 +16,8 @@ import time
 import pytest
 from conftest import lora_config, median_seconds
 
-from pytest_lora.adapters import AdapterManager
-from pytest_lora.models import load_base_model
+from pytest_lora.model.adapters import AdapterManager
+from pytest_lora.model.loading import load_base_model
 
 pytestmark = pytest.mark.lora
 
@@ -33,7 +33,7 @@ def base_settings(request, lora_session, tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pytest_lora.models import TINY_LLAMA_CONFIG
+    from pytest_lora.model.loading import TINY_LLAMA_CONFIG
 
     path = tmp_path_factory.mktemp("medium-llama")
     fields = {k: v for k, v in TINY_LLAMA_CONFIG.items() if k != "architectures"}
@@ -87,7 +87,7 @@ def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
     """`lora_train` adds little over a plain AdamW loop on the same model, data and steps."""
     import torch
 
-    from pytest_lora.training import synthetic_data
+    from pytest_lora.model.training import synthetic_data
 
     steps, batch, seq = 20, 8, 64
     data = synthetic_data(256, seq)
