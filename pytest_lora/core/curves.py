@@ -20,28 +20,20 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import statistics
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from pytest_lora.core.errors import CurveError
+from pytest_lora.core.values import is_int, is_real
 
 _MODES = ("rel", "abs")
 # "rel" refuses a reference loss at most this fraction of the curve's largest |loss| (scale-free "near zero").
 _TINY = 1e-12
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:  # type: ignore[operator]
+    if not is_int(value) or value < minimum:  # type: ignore[operator]
         raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -66,17 +58,17 @@ class PlateauRule:
         """Reject bad settings at construction, where the caller can still see which argument was wrong."""
         owner = "PlateauRule"
         _check_int(owner, "window", self.window, 1)
-        if not _is_real(self.min_delta) or not 0 < self.min_delta < math.inf:
+        if not is_real(self.min_delta) or not 0 < self.min_delta < math.inf:
             raise ValueError(
                 f"{owner}: min_delta must be a finite number > 0 (0 would pass a flat curve), got {self.min_delta!r}"
             )
         _check_mode(owner, self.mode)
-        if self.patience is not None and (not _is_int(self.patience) or self.patience < 1):
+        if self.patience is not None and (not is_int(self.patience) or self.patience < 1):
             raise ValueError(f"{owner}: patience must be None or an int >= 1, got {self.patience!r}")
-        if not _is_real(self.warmup) or not 0 <= self.warmup < 1:
+        if not is_real(self.warmup) or not 0 <= self.warmup < 1:
             raise ValueError(f"{owner}: warmup must be a fraction in [0, 1), got {self.warmup!r}")
         _check_int(owner, "min_points", self.min_points, 2)
-        if not _is_real(self.oscillation) or not self.oscillation > 0:
+        if not is_real(self.oscillation) or not self.oscillation > 0:
             raise ValueError(
                 f"{owner}: oscillation must be a number > 0 (math.inf turns the call off), got {self.oscillation!r}"
             )
@@ -94,7 +86,7 @@ class OverfitRule:
     def __post_init__(self) -> None:
         """Reject bad settings at construction, where the caller can still see which argument was wrong."""
         owner = "OverfitRule"
-        if not _is_real(self.tolerance) or not 0 <= self.tolerance < math.inf:
+        if not is_real(self.tolerance) or not 0 <= self.tolerance < math.inf:
             raise ValueError(f"{owner}: tolerance must be a finite number >= 0, got {self.tolerance!r}")
         _check_mode(owner, self.mode)
         _check_int(owner, "window", self.window, 1)
@@ -156,7 +148,7 @@ def _as_floats(values: Sequence[float], name: str) -> list[float]:
         raise CurveError(f"{name} must be a sequence of numbers, one per step, got {type(values).__name__}")
     floats = []
     for i, value in enumerate(values):
-        if not _is_real(value):
+        if not is_real(value):
             raise CurveError(
                 f"{name}[{i}] is {value!r:.80} ({type(value).__name__}), not a real number: "
                 "pass plain floats (e.g. loss.item())"

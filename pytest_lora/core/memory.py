@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pytest_lora.core.recipe import ADAPTER_DTYPES, OPTIMIZERS, MemoryRecipe, master_weights_error
 from pytest_lora.core.shapes import ModelShape, QuantLayout
+from pytest_lora.core.values import is_int
 
 # --- estimate from shapes ---------------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ def memory_breakdown(
 ) -> MemoryEstimate:
     """`estimate_memory` on an already read `ModelShape`: pure arithmetic."""
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}={value!r}: must be an int >= 1")
     recipe = _resolve_recipe(shape, recipe or MemoryRecipe())
     device = _step_device(shape, recipe)

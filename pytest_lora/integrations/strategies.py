@@ -22,7 +22,6 @@ import dataclasses
 import enum
 import functools
 import math
-import numbers
 import string
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple
@@ -32,6 +31,7 @@ from hypothesis.errors import InvalidArgument
 from hypothesis.strategies import SearchStrategy
 
 from pytest_lora.core.policy import Policy
+from pytest_lora.core.values import is_int, is_real
 from pytest_lora.integrations.hypothesis_profile import register_profile
 
 __all__ = [
@@ -64,26 +64,18 @@ _AlphaRule = Callable[[st.DrawFn, int, bool], tuple[float, Callable[[int], float
 # --- argument checks: each raises InvalidArgument naming the argument, the value and the fix ------------------
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_rank(name: str, value: object) -> None:
-    if not _is_int(value) or value < 1:  # type: ignore[operator]
+    if not is_int(value) or value < 1:  # type: ignore[operator]
         raise InvalidArgument(f"{name}={value!r}: a LoRA rank is an int >= 1, e.g. 8")
 
 
 def _check_positive(name: str, value: object) -> None:
-    if not _is_real(value) or not 0 < value < math.inf:  # type: ignore[operator]
+    if not is_real(value) or not 0 < value < math.inf:  # type: ignore[operator]
         raise InvalidArgument(f"{name}={value!r}: must be a finite number > 0, e.g. 16 for lora_alpha, 2 for a ratio")
 
 
 def _check_dropout(name: str, value: object) -> None:
-    if not _is_real(value) or not 0 <= value < 1:  # type: ignore[operator]
+    if not is_real(value) or not 0 <= value < 1:  # type: ignore[operator]
         raise InvalidArgument(f"{name}={value!r}: lora_dropout must be a number in [0, 1), e.g. 0.05")
 
 
@@ -136,9 +128,9 @@ def _check_task_type(name: str, value: object) -> None:
 
 
 def _check_layers(name: str, value: object) -> None:
-    if value is None or (_is_int(value) and value >= 0):  # type: ignore[operator]
+    if value is None or (is_int(value) and value >= 0):  # type: ignore[operator]
         return
-    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(v) and v >= 0 for v in value):
+    if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and v >= 0 for v in value):
         raise InvalidArgument(f"{name}={value!r}: layer indices are None, an int >= 0 or a non-empty list of them")
 
 
@@ -166,7 +158,7 @@ def _never_a_value(value: object) -> bool:
 
 
 def _is_layer_list(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+    return isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
 
 
 def _names(name: str, value: object) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_lora.core.errors import AdapterConfigError, BaseModelModifiedError
+from pytest_lora.core.values import is_int, is_real
 from pytest_lora.model.base_state import BaseState, Change, explain
 from pytest_lora.model.loading import check_task_type
 
@@ -87,19 +88,19 @@ def linear_module_names(model: Any) -> dict[str, list[str]]:
 def _check_values(config: Any) -> None:
     problems = []
     r = config.r
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    if not is_int(r) or r <= 0:
         problems.append(f"r = {r!r}: the rank must be an int >= 1 (typical: 4, 8, 16)")
     alpha = config.lora_alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+    if not is_real(alpha) or not 0 < alpha < math.inf:
         problems.append(f"lora_alpha = {alpha!r}: must be a finite number > 0 (the usual heuristic is 2 * r)")
     dropout = config.lora_dropout
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not is_real(dropout) or not 0 <= dropout < 1:
         problems.append(f"lora_dropout = {dropout!r}: must be in [0, 1) (typical: 0.05 - 0.1)")
     for key, value in (config.rank_pattern or {}).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             problems.append(f"rank_pattern[{key!r}] = {value!r}: must be an int >= 1")
     for key, value in (config.alpha_pattern or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if not is_real(value) or not value > 0:
             problems.append(f"alpha_pattern[{key!r}] = {value!r}: must be > 0")
     targets = config.target_modules
     if targets is not None and not isinstance(targets, str):

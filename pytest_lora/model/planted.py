@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_lora.core.errors import AdapterConfigError, TrainingError
+from pytest_lora.core.values import is_int
 from pytest_lora.model.training import TokenData
 
 PLANTED_PREFIX = "builtin:planted-rank-"
@@ -88,7 +89,7 @@ def planted_data(
     whatever the sizes. Cached per model, so the ranks of a sweep share one dataset; deterministic for
     a given model, seed and thread count.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise TrainingError(f"planted_data: rank={rank!r}: the planted rank must be an int >= 1 (e.g. 8)")
     n_train = n_train or -(-TRAIN_TOKENS // seq_len)
     n_val = n_val or -(-VAL_TOKENS // seq_len)

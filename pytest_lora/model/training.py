@@ -21,6 +21,7 @@ from typing import Any
 
 from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS
 from pytest_lora.core.errors import TrainingError
+from pytest_lora.core.values import is_int, is_real
 from pytest_lora.model.loading import model_task, repacked_4bit_layers, unwrapped
 from pytest_lora.model.measure import measure_peak
 
@@ -523,17 +524,17 @@ def check_run_args(
 ) -> None:
     """Refuse run arguments that would crash deep in torch or train silently wrong; one message lists them all."""
     problems = []
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         problems.append(f"steps={steps!r}: must be an int >= 1")
-    if not _is_number(lr) or not (0 < lr < math.inf):
+    if not is_real(lr) or not (0 < lr < math.inf):
         problems.append(f"lr={lr!r}: must be a finite number > 0 (e.g. 1e-3)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         problems.append(f"batch_size={batch_size!r}: must be an int >= 1")
     elif batch_size > n_train:
         problems.append(f"batch_size={batch_size}: larger than the {n_train} training sequence(s); pass more data")
-    if not _is_number(weight_decay) or not (0 <= weight_decay < math.inf):
+    if not is_real(weight_decay) or not (0 <= weight_decay < math.inf):
         problems.append(f"weight_decay={weight_decay!r}: must be a finite number >= 0 (e.g. 0.01)")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+    if eval_every is not None and (not is_int(eval_every) or eval_every < 1):
         problems.append(f"eval_every={eval_every!r}: must be an int >= 1, or None (8 evaluations per run)")
     problem = _seed_problem(seed)
     if problem:
@@ -542,13 +543,9 @@ def check_run_args(
         raise TrainingError("lora_train: " + "; ".join(problems))
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _seed_problem(seed: object) -> str | None:
     """A seed torch cannot take (its generators hold 64 bits) or --lora-seed would refuse, in words; None if fine."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         return f"seed={seed!r}: must be an int in [0, 2**63 - 1], as --lora-seed (e.g. 0)"
     return None
 
@@ -570,7 +567,7 @@ def model_data(model: Any, dataset: Any, *, seq_len: int, seed: int) -> TokenDat
 def check_seq_len(seq_len: int, model: Any) -> None:
     """seq_len must fit the model's context: longer positions are out of its training range."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+    if not is_int(seq_len) or seq_len < 2:
         raise TrainingError(f"lora_train: seq_len={seq_len!r}: must be an int >= 2")
     if limit is not None and seq_len > limit:
         raise TrainingError(

@@ -10,18 +10,20 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_lora.core.errors import LoraAssertionError, LoraError, SettingsError
 from pytest_lora.core.policy import Policy, load_policy, policy_from_table, reset_active_policy, set_active_policy
-from pytest_lora.core.report import RunRecord, records_from_properties, write_json, write_rank_table
 from pytest_lora.core.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
 from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
 from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
 from pytest_lora.plugin.xdist import is_worker
+
+if TYPE_CHECKING:  # the report formats load with the first test report, not with the plugin
+    from pytest_lora.core.report import RunRecord
 
 # Extension plugins that add options must load with the plugin (before the command line is parsed);
 # `-p no:lora` disables them too.
@@ -216,6 +218,8 @@ class LoraReporter:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.xfails += [(report.nodeid, value) for key, value in report.user_properties if key == _XFAIL_KEY]
         if report.when == "call":
+            from pytest_lora.core.report import records_from_properties
+
             self.runs += records_from_properties(report.user_properties)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -239,12 +243,16 @@ class LoraReporter:
             )
         elif changed is not None:
             terminalreporter.write_line("--lora-verify-base: base weights identical at start and end", green=True)
+        from pytest_lora.core.report import write_rank_table
+
         write_rank_table(terminalreporter, self.runs)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """`--lora-report PATH`: the JSON report, written once, by the controller under xdist."""
         path = self.state.session.settings.report
         if path and not is_worker(session.config):
+            from pytest_lora.core.report import write_json
+
             write_json(path, self.runs)
 
 

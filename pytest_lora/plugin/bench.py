@@ -18,14 +18,13 @@ import pytest
 
 from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SEQ_LEN
 from pytest_lora.core.errors import LoraError, TrainingError
-from pytest_lora.core.flops import mfu, peak_flops, step_flops
-from pytest_lora.core.memory import memory_breakdown
 from pytest_lora.core.recipe import MemoryRecipe
-from pytest_lora.core.report import RUN_PROPERTY, RunRecord
 from pytest_lora.core.settings import Settings
-from pytest_lora.core.shapes import ModelShape
+from pytest_lora.core.values import is_int
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the shapes, FLOPs and report formats load with the first benchmark, not with the plugin
+    from pytest_lora.core.report import RunRecord
+    from pytest_lora.core.shapes import ModelShape
     from pytest_lora.model.base_pool import BaseModelPool
 
 DEFAULT_STEPS_PER_ROUND = 4
@@ -53,7 +52,7 @@ def _check_args(**values: int) -> None:
     problems = [
         f"{name}={value!r}: must be an int >= {minimum.get(name, 1)}"
         for name, value in values.items()
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum.get(name, 1)
+        if not is_int(value) or value < minimum.get(name, 1)
     ]
     if problems:
         raise TrainingError("lora_benchmark: " + "; ".join(problems))
@@ -74,6 +73,9 @@ def lora_benchmark(
     mean timed round (pytest-benchmark's `ops` times the tokens of a round). A CUDA out-of-memory error
     fails the test with the measured and estimated memory and the fix, and frees the memory.
     """
+    from pytest_lora.core.flops import mfu, peak_flops, step_flops
+    from pytest_lora.core.memory import memory_breakdown
+    from pytest_lora.core.report import RUN_PROPERTY, RunRecord
     from pytest_lora.model import training
     from pytest_lora.model.counting import count_parameters
     from pytest_lora.model.measure import run_oom_checked

@@ -353,10 +353,10 @@ class SweepRecorder:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Apply the rule to every sweep and write its report (before the terminal summary prints)."""
-        from pytest_lora.core import sweep
-
         if not self.points and not self.missing:
             return
+        from pytest_lora.core import sweep
+
         state = self.config.stash[STATE]
         directory = Path(self.config.getoption("lora_sweep_dir") or self.config.rootpath / DEFAULT_SWEEP_DIR)
         commit = sweep.git_commit(self.config.rootpath)
