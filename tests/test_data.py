@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import lora_config
 
-from pytest_lora import TextDataset, TrainingError, training
+from pytest_lora import TextDataset, TrainingError
 from pytest_lora.model import data as text_data
+from pytest_lora.model import training
 
 pytestmark = pytest.mark.lora
 
