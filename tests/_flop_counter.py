@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pytest_lora.models import TINY_LLAMA_CONFIG
+from pytest_lora.model.loading import TINY_LLAMA_CONFIG
 
 SEQ = 64
 BATCH = 2

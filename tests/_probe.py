@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.modules.module as torch_module
 
-from pytest_lora.models import load_base_model
+from pytest_lora.model.loading import load_base_model
 
 _SIMPLE = (bool, int, float, str, type(None))
 

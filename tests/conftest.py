@@ -60,7 +60,7 @@ def load_4bit_on_cuda(directory):
     """A saved model loaded as QLoRA runs do on a GPU: nf4 + double quant, the rest in bf16, frozen."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from pytest_lora.models import prepare_base
+    from pytest_lora.model.loading import prepare_base
 
     quant = BitsAndBytesConfig(
         load_in_4bit=True,

@@ -134,8 +134,8 @@ def test_bad_config_or_training_input(lora_pytester: pytest.Pytester, case: str)
 
 def test_run_arguments_are_checked_before_any_step() -> None:
     """Every bad argument in one message, before torch sees a NaN decay or a seed beyond its 64 bits."""
-    from pytest_lora.errors import TrainingError
-    from pytest_lora.training import check_run_args
+    from pytest_lora.core.errors import TrainingError
+    from pytest_lora.model.training import check_run_args
 
     with pytest.raises(TrainingError) as info:
         check_run_args(steps=2, lr=1e-3, batch_size=2, n_train=8, seed=-1, weight_decay=float("inf"), eval_every=0)
@@ -152,7 +152,7 @@ def _pickled_model(path, cache_dir) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pytest_lora.models import builtin_model_dir
+    from pytest_lora.model.loading import builtin_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(builtin_model_dir(cache_dir))
     path.mkdir()
@@ -222,7 +222,7 @@ def test_a_model_without_linear_layers_is_refused() -> None:
     from peft import LoraConfig
 
     from pytest_lora import AdapterConfigError
-    from pytest_lora.adapters import matched_modules
+    from pytest_lora.model.adapters import matched_modules
 
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4))
     with pytest.raises(AdapterConfigError, match="Sequential has no linear layers, so a LoRA adapter has nothing"):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_lora.flops import step_flops
-from pytest_lora.models import TINY_LLAMA_CONFIG
-from pytest_lora.report import RunRecord, rank_table, report_document
-from pytest_lora.shapes import model_shape
+from pytest_lora.core.flops import step_flops
+from pytest_lora.core.report import RunRecord, rank_table, report_document
+from pytest_lora.model.loading import TINY_LLAMA_CONFIG
+from pytest_lora.model.shapes import model_shape
 
 pytestmark = pytest.mark.lora
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.adapter_files import read_adapter, safetensors_header, saved_shapes
-from pytest_lora.collect import CHECK_OPTION, RESUME_OPTION
-from pytest_lora.errors import AdapterConfigError
-from pytest_lora.models import TINY_LLAMA_CONFIG
+from pytest_lora.core.errors import AdapterConfigError
+from pytest_lora.model.adapter_files import read_adapter, safetensors_header, saved_shapes
+from pytest_lora.model.loading import TINY_LLAMA_CONFIG
+from pytest_lora.plugin.adapter_check import CHECK_OPTION, RESUME_OPTION
 
 pytestmark = pytest.mark.lora
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "adapters"
-PLUGIN = ("-p", "pytest_lora.collect")
+PLUGIN = ("-p", "pytest_lora.plugin.adapter_check")
 # A policy for the built-in tiny model (hidden size 64): adapters are a few percent of it.
 TINY_POLICY = """
 [tool.pytest_lora.policy]
@@ -252,7 +252,7 @@ def test_globs_stay_inside_the_project_and_survive_a_symlink_loop(
 
 
 def test_a_glob_that_walks_too_far_fails_by_name(lora_pytester: pytest.Pytester, monkeypatch) -> None:
-    from pytest_lora import globs
+    from pytest_lora.core import globs
 
     monkeypatch.setattr(globs, "MAX_ENTRIES", 3)
     for name in "abcde":
@@ -373,10 +373,10 @@ def test_a_saved_moe_adapter_is_read_per_expert_stack(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from pytest_lora.config_check import check_adapter
-    from pytest_lora.errors import LoraAssertionError
-    from pytest_lora.policy import Policy
-    from pytest_lora.zoo import ZOO
+    from pytest_lora.core.errors import LoraAssertionError
+    from pytest_lora.core.policy import Policy
+    from pytest_lora.model.adapter_check import check_adapter
+    from pytest_lora.model.zoo import ZOO
 
     config = ZOO["tiny-mixtral"].config
     fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}

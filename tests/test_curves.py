@@ -10,14 +10,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pytest_lora.curves import (
+from pytest_lora.core.curves import (
     OverfitRule,
     PlateauRule,
     PlateauVerdict,
     analyze_overfit,
     analyze_plateau,
 )
-from pytest_lora.errors import CurveError
+from pytest_lora.core.errors import CurveError
 
 
 def noisy(values: list[float], amplitude: float, seed: int = 0) -> list[float]:

@@ -9,10 +9,10 @@ from conftest import lora_config
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, LlamaConfig
 
-from pytest_lora.counting import ParamCount, count_parameters
-from pytest_lora.errors import AdapterConfigError, ModelLoadError
-from pytest_lora.estimate import estimate_lora_parameters, meta_model
-from pytest_lora.models import TINY_LLAMA_CONFIG
+from pytest_lora.core.errors import AdapterConfigError, ModelLoadError
+from pytest_lora.model.counting import ParamCount, count_parameters
+from pytest_lora.model.estimate import estimate_lora_parameters, meta_model
+from pytest_lora.model.loading import TINY_LLAMA_CONFIG
 
 LLAMA_2_7B = {
     "architectures": ["LlamaForCausalLM"],

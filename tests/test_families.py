@@ -17,11 +17,11 @@ import pytest
 from peft import LoraConfig, get_peft_model
 
 from pytest_lora import assert_adapter_shapes, count_parameters, estimate_memory
-from pytest_lora.errors import AdapterConfigError
-from pytest_lora.estimate import estimate_lora_parameters, meta_model
-from pytest_lora.flops import step_flops
-from pytest_lora.shapes import model_shape
-from pytest_lora.zoo import ZOO, ZOO_NAMES, builtin_model_dir
+from pytest_lora.core.errors import AdapterConfigError
+from pytest_lora.core.flops import step_flops
+from pytest_lora.model.estimate import estimate_lora_parameters, meta_model
+from pytest_lora.model.shapes import model_shape
+from pytest_lora.model.zoo import ZOO, ZOO_NAMES, builtin_model_dir
 
 # Each family's attention targets as its users write them, and its output head.
 QV = {
@@ -102,8 +102,9 @@ def four_bit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import torch
     import transformers
 
-    from pytest_lora.models import prepare_base, silence_bitsandbytes_kernel_notice
-    from pytest_lora.zoo import quiet_progress
+    from pytest_lora.model.loading import prepare_base
+    from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
+    from pytest_lora.model.zoo import quiet_progress
 
     silence_bitsandbytes_kernel_notice()
     cache = tmp_path_factory.getbasetemp() / "lora-model-cache"
@@ -211,7 +212,7 @@ def test_folded_expert_weights_kept_for_backward_are_in_the_memory_estimate() ->
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from pytest_lora.memory import folded_weight_bytes
+    from pytest_lora.core.memory import folded_weight_bytes
 
     fields = {k: v for k, v in ZOO["tiny-mixtral"].config.items() if k not in ("architectures", "model_type")}
     with torch.random.fork_rng(devices=[]):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.zoo import ZOO_NAMES
+from pytest_lora.model.zoo import ZOO_NAMES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_TARGETS = 'target_modules=["q_proj", "v_proj"]'

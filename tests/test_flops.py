@@ -8,9 +8,9 @@ import pytest
 from _flop_counter import SEQ, counted_flops_per_token, tiny_unquantized
 from conftest import lora_config
 
-from pytest_lora.flops import PEAK_BF16_TFLOPS, PeakFlops, mfu, peak_flops, step_flops
-from pytest_lora.models import TINY_LLAMA_CONFIG
-from pytest_lora.shapes import model_shape
+from pytest_lora.core.flops import PEAK_BF16_TFLOPS, PeakFlops, mfu, peak_flops, step_flops
+from pytest_lora.model.loading import TINY_LLAMA_CONFIG
+from pytest_lora.model.shapes import model_shape
 
 CONFIGS = {
     "q_proj,v_proj r=8": lora_config(8),
@@ -141,7 +141,7 @@ def _tiny_mixtral(config):
     from peft import get_peft_model
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from pytest_lora.zoo import ZOO
+    from pytest_lora.model.zoo import ZOO
 
     fields = {k: v for k, v in ZOO["tiny-mixtral"].config.items() if k not in ("architectures", "model_type")}
     with torch.random.fork_rng(devices=[]):

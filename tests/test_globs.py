@@ -1,4 +1,4 @@
-"""`pytest_lora.globs`: glob's rules, without following directory symlinks in `**`, with a bound."""
+"""`pytest_lora.core.globs`: glob's rules, without following directory symlinks in `**`, with a bound."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.globs import find, literal_prefix
+from pytest_lora.core.globs import find, literal_prefix
 
 
 @pytest.fixture

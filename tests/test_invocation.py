@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.invocation import spaced_values
+from pytest_lora.plugin.invocation import spaced_values
 
 pytestmark = pytest.mark.lora
 

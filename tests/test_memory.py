@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import lora_config
 
-from pytest_lora.assertions import use_policy
-from pytest_lora.errors import AdapterConfigError, LoraAssertionError, PolicyError, TrainingError
-from pytest_lora.memory import CUDA_CONTEXT_BYTES, GIB, estimate_memory, format_bytes, shape_for_estimate
-from pytest_lora.memory_check import assert_fits_memory, run_oom_checked
-from pytest_lora.models import builtin_model_dir
-from pytest_lora.policy import Policy
-from pytest_lora.recipe import MemoryRecipe
-from pytest_lora.shapes import QuantLayout
+from pytest_lora.core.errors import AdapterConfigError, LoraAssertionError, PolicyError, TrainingError
+from pytest_lora.core.memory import CUDA_CONTEXT_BYTES, GIB, format_bytes
+from pytest_lora.core.policy import Policy, use_policy
+from pytest_lora.core.recipe import MemoryRecipe
+from pytest_lora.core.shapes import QuantLayout
+from pytest_lora.model.loading import builtin_model_dir
+from pytest_lora.model.measure import run_oom_checked
+from pytest_lora.model.memory import assert_fits_memory, estimate_memory, shape_for_estimate
 
 # Llama-2-7b's shape (FACTS.md): 6,738,415,616 parameters; r=8 on q_proj, v_proj trains 4,194,304.
 LLAMA_2_7B = {
@@ -421,7 +421,7 @@ def test_estimate_against_cuda_max_memory_allocated(tmp_path):
     from conftest import load_4bit_on_cuda
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pytest_lora.adapters import AdapterManager
+    from pytest_lora.model.adapters import AdapterManager
 
     shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16)
     LlamaForCausalLM(LlamaConfig(**shape, vocab_size=32000, dtype="bfloat16")).save_pretrained(tmp_path)

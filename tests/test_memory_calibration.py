@@ -12,7 +12,7 @@ import pytest
 from peft import LoraConfig
 from test_memory import LLAMA_2_7B  # Llama-2-7b's config.json fields
 
-from pytest_lora.memory import estimate_memory
+from pytest_lora.model.memory import estimate_memory
 
 GB = 10**9
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from pytest_lora import ModelLoadError
-from pytest_lora.models import load_base_model
-from pytest_lora.settings import Settings
-from pytest_lora.zoo import STALE_AFTER_S, builtin_model_dir, checkpoint_dir, checkpoint_problem
+from pytest_lora.core.settings import Settings
+from pytest_lora.model.loading import load_base_model
+from pytest_lora.model.zoo import STALE_AFTER_S, builtin_model_dir, checkpoint_dir, checkpoint_problem
 
 NAME = "tiny-gpt2"  # the cheapest entry to build and load; the cache code is the same for every entry
 ROOT_USER = os.geteuid() == 0
@@ -118,7 +118,7 @@ def test_a_truncated_checkpoint_loads_after_the_rebuild(cache: Path) -> None:
 
 
 def test_a_copy_another_worker_finished_first_is_kept(cache: Path) -> None:
-    from pytest_lora.zoo import ZOO, _install, write_checkpoint
+    from pytest_lora.model.zoo import ZOO, _install, write_checkpoint
 
     directory = next(cache.iterdir())
     installed = (directory / "model.safetensors").stat().st_ino

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pytest_lora.settings import OPTIONS
+from pytest_lora.core.settings import OPTIONS
 
 pytestmark = pytest.mark.lora
 
@@ -214,7 +214,7 @@ def test_one_load_per_session_and_isolation_after_a_failure(lora_pytester: pytes
         CONFIG
         + """
 import pytest
-from pytest_lora.base_state import BaseState
+from pytest_lora.model.base_state import BaseState
 
 CLEAN = {}
 
@@ -290,7 +290,7 @@ def test_xfail_diagnosis_is_shown_in_the_lora_summary(lora_pytester: pytest.Pyte
 def test_model_by_local_path_and_per_test_marker(lora_pytester: pytest.Pytester, lora_session) -> None:
     import shutil
 
-    from pytest_lora.models import builtin_model_dir
+    from pytest_lora.model.loading import builtin_model_dir
 
     local = lora_pytester.path / "models" / "tiny"
     shutil.copytree(builtin_model_dir(lora_session.settings.cache_dir), local)

@@ -1,4 +1,4 @@
-"""Unit tests of pytest_lora.policy: loading, defaults, and one clear PolicyError for every bad policy."""
+"""Unit tests of pytest_lora.core.policy: loading, defaults, and one clear PolicyError for every bad policy."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_lora.curves import OverfitRule, PlateauRule
-from pytest_lora.errors import PolicyError
-from pytest_lora.policy import (
+from pytest_lora.core.curves import OverfitRule, PlateauRule
+from pytest_lora.core.errors import PolicyError
+from pytest_lora.core.policy import (
     Policy,
     SweepRule,
     load_policy,
     policy_from_mapping,
     policy_from_pyproject,
 )
-from pytest_lora.recipe import MemoryRecipe
+from pytest_lora.core.recipe import MemoryRecipe
 
 SOURCE = "pyproject.toml [tool.pytest_lora.policy]"
 

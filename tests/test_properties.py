@@ -29,7 +29,7 @@ from pytest_lora import (
     load_policy,
     use_policy,
 )
-from pytest_lora.strategies import config_repr, invalid_lora_values
+from pytest_lora.integrations.strategies import config_repr, invalid_lora_values
 
 # Attaching an adapter costs tens of milliseconds on a loaded CPU: no per-example deadline.
 model_settings = settings(deadline=None)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_lora.counting import ParamCount
-from pytest_lora.estimate import estimate_lora_parameters
+from pytest_lora.model.counting import ParamCount
+from pytest_lora.model.estimate import estimate_lora_parameters
 
 # facebook/opt-350m config.json
 OPT_350M = {

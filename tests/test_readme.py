@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.settings import OPTIONS
+from pytest_lora.core.settings import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -12,7 +12,7 @@ import pytest
 from conftest import lora_config
 
 from pytest_lora import TrainingError, assert_no_plateau
-from pytest_lora.models import builtin_model_dir, repacked_4bit_layers
+from pytest_lora.model.loading import builtin_model_dir, repacked_4bit_layers
 
 pytestmark = pytest.mark.lora
 
@@ -38,8 +38,8 @@ def test_a_repacked_base_is_refused_not_trained(lora_session, tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pytest_lora.models import quantization_config
-    from pytest_lora.training import synthetic_data, train
+    from pytest_lora.model.loading import quantization_config
+    from pytest_lora.model.training import synthetic_data, train
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")

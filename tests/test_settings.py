@@ -1,4 +1,4 @@
-"""Unit tests of pytest_lora.settings: option specs, parsing rules, precedence, paths, marker overrides."""
+"""Unit tests of pytest_lora.core.settings: option specs, parsing rules, precedence, paths, marker overrides."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_lora.errors import SettingsError
-from pytest_lora.settings import (
+from pytest_lora.core.errors import SettingsError
+from pytest_lora.core.settings import (
     OPTIONS,
     Settings,
     argparse_type,
@@ -39,7 +39,7 @@ def parse_error(name: str, value: object) -> str:
 def test_modules_are_pure():
     """Importing the settings and the policy must not pull in the heavy stack (fast, fail-early config)."""
     code = (
-        "import sys, pytest_lora.settings, pytest_lora.policy;"
+        "import sys, pytest_lora.core.settings, pytest_lora.core.policy;"
         "heavy = {'pytest', 'torch', 'transformers', 'peft'} & set(sys.modules);"
         "assert not heavy, heavy"
     )

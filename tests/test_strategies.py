@@ -1,4 +1,4 @@
-"""Unit tests of pytest_lora.strategies and the Hypothesis entry point (no model needed)."""
+"""Unit tests of pytest_lora.integrations.strategies and the Hypothesis entry point (no model needed)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from hypothesis.errors import InvalidArgument
 from peft import LoraConfig
 
 from pytest_lora import LoraAssertionError, Policy, assert_policy
-from pytest_lora._hypothesis import CI_MAX_EXAMPLES, CI_PROFILE, AfterImport, call_after_import
-from pytest_lora.policy import RSLORA_MODES
-from pytest_lora.strategies import (
+from pytest_lora.core.policy import RSLORA_MODES
+from pytest_lora.integrations.hypothesis import AfterImport, call_after_import
+from pytest_lora.integrations.hypothesis_profile import CI_MAX_EXAMPLES, CI_PROFILE
+from pytest_lora.integrations.strategies import (
     LLAMA_TARGETS,
     config_repr,
     invalid_lora_values,
@@ -315,7 +316,7 @@ def test_importing_hypothesis_imports_no_torch_and_from_type_works_after_peft():
         import hypothesis
         import pytest_lora
         from hypothesis import settings, strategies as st
-        heavy = sorted({"torch", "peft", "transformers", "pytest_lora.strategies"} & set(sys.modules))
+        heavy = sorted({"torch", "peft", "transformers", "pytest_lora.integrations.strategies"} & set(sys.modules))
         assert not heavy, heavy
         assert settings.get_profile("lora-ci").max_examples == 25
         from peft import LoraConfig

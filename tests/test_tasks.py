@@ -13,11 +13,11 @@ from peft import LoraConfig
 from transformers import AutoConfig
 
 from pytest_lora import AdapterConfigError, ModelLoadError, TrainingError, count_parameters
-from pytest_lora.estimate import estimate_lora_parameters
-from pytest_lora.models import choose_task, model_task
-from pytest_lora.settings import TASKS
-from pytest_lora.training import objective
-from pytest_lora.zoo import ZOO, builtin_model_dir
+from pytest_lora.core.settings import TASKS
+from pytest_lora.model.estimate import estimate_lora_parameters
+from pytest_lora.model.loading import choose_task, model_task
+from pytest_lora.model.training import objective
+from pytest_lora.model.zoo import ZOO, builtin_model_dir
 
 BERT = "builtin:tiny-bert-cls"
 T5 = "builtin:tiny-t5"

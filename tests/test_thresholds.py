@@ -1,4 +1,4 @@
-"""`pytest_lora.thresholds`: a number shown beside a threshold never contradicts the verdict."""
+"""`pytest_lora.core.thresholds`: a number shown beside a threshold never contradicts the verdict."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import operator
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_lora.thresholds import beside, limit_text
+from pytest_lora.core.thresholds import beside, limit_text
 
 _RULES = st.sampled_from([operator.le, operator.lt, operator.ge, operator.gt])
 

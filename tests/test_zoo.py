@@ -8,9 +8,9 @@ import json
 import pytest
 
 from pytest_lora import ModelLoadError
-from pytest_lora.models import BUILTIN_MODEL, load_base_model, resolve_source
-from pytest_lora.settings import Settings
-from pytest_lora.zoo import ZOO, ZOO_NAMES, builtin_model_dir, checkpoint_problem
+from pytest_lora.core.settings import Settings
+from pytest_lora.model.loading import BUILTIN_MODEL, load_base_model, resolve_source
+from pytest_lora.model.zoo import ZOO, ZOO_NAMES, builtin_model_dir, checkpoint_problem
 
 CAUSAL = [name for name in ZOO_NAMES if ZOO[name].causal_lm]
 # transformers 5.24 quantizes only modules whose type *is* nn.Linear (or Conv1D): Falcon's

@@ -16,8 +16,8 @@ import time
 import pytest
 from conftest import lora_config, median_seconds
 
-from pytest_lora.adapters import AdapterManager
-from pytest_lora.models import load_base_model
+from pytest_lora.model.adapters import AdapterManager
+from pytest_lora.model.loading import load_base_model
 
 pytestmark = pytest.mark.lora
 
@@ -33,7 +33,7 @@ def base_settings(request, lora_session, tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pytest_lora.models import TINY_LLAMA_CONFIG
+    from pytest_lora.model.loading import TINY_LLAMA_CONFIG
 
     path = tmp_path_factory.mktemp("medium-llama")
     fields = {k: v for k, v in TINY_LLAMA_CONFIG.items() if k != "architectures"}
@@ -70,24 +70,31 @@ def _collect(project, *extra: str) -> None:
 
 
 def test_collect_only_cost_of_the_plugin(benchmark, tmp_path):
-    """A project with pytest-lora installed but no LoRA tests collects as fast as with `-p no:lora`."""
+    """A project with pytest-lora installed but no LoRA tests collects as fast as with `-p no:lora` (target: a
+    ratio <= 1.05). Runs alternate between the two, so a load change on the machine hits both alike."""
     for module in range(20):
         tests = "\n".join(f"def test_{i}():\n    assert {i} == {i}\n" for i in range(10))
         (tmp_path / f"test_plain_{module}.py").write_text(tests)
     benchmark.group = "core: --collect-only, plugin on vs -p no:lora"
     benchmark.pedantic(_collect, args=(tmp_path,), rounds=3, warmup_rounds=1)
-    with_plugin = median_seconds(lambda: _collect(tmp_path), repeat=5)
-    without = median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=5)
-    benchmark.extra_info.update(with_plugin_s=with_plugin, without_plugin_s=without, ratio=with_plugin / without)
+    on: list[float] = []
+    off: list[float] = []
+    for _ in range(7):
+        on.append(median_seconds(lambda: _collect(tmp_path), repeat=1))
+        off.append(median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=1))
+    with_plugin, without = statistics.median(on), statistics.median(off)
     ratio = with_plugin / without
-    print(f"\ncollect-only: with plugin {with_plugin:.3f}s, -p no:lora {without:.3f}s: ratio {ratio:.3f}")
+    benchmark.extra_info.update(
+        with_plugin_s=with_plugin, without_plugin_s=without, ratio=ratio, target_ratio=1.05, tests_collected=200
+    )
+    print(f"\ncollect-only: with plugin {with_plugin:.3f}s, -p no:lora {without:.3f}s: ratio {ratio:.3f} (target 1.05)")
 
 
 def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
     """`lora_train` adds little over a plain AdamW loop on the same model, data and steps."""
     import torch
 
-    from pytest_lora.training import synthetic_data
+    from pytest_lora.model.training import synthetic_data
 
     steps, batch, seq = 20, 8, 64
     data = synthetic_data(256, seq)

@@ -16,8 +16,8 @@ import sys
 import pytest
 from conftest import median_seconds
 
-from pytest_lora.counting import ParamCount, count_parameters
-from pytest_lora.estimate import estimate_lora_parameters, meta_model
+from pytest_lora.model.counting import ParamCount, count_parameters
+from pytest_lora.model.estimate import estimate_lora_parameters, meta_model
 
 pytestmark = pytest.mark.lora
 
@@ -79,8 +79,8 @@ def test_70b_estimate_in_a_fresh_process_stays_under_600_mb() -> None:
     """
     code = (
         "import sys, json;"
-        "from pytest_lora.estimate import estimate_lora_parameters;"
-        "from pytest_lora.memory import cpu_peak_bytes;"
+        "from pytest_lora.model.estimate import estimate_lora_parameters;"
+        "from pytest_lora.model.measure import cpu_peak_bytes;"
         "count = estimate_lora_parameters(json.loads(sys.argv[1]), json.loads(sys.argv[2]));"
         "print(count.trainable, cpu_peak_bytes() // 1024)"
     )

@@ -3,7 +3,7 @@
 The model is Llama-2-7b's shape with random weights, built on the GPU in bf16, saved, and loaded back
 in 4 bits (nf4, double quant) through the same `from_pretrained` + `BitsAndBytesConfig` path as the
 session base; no download. Skipped without CUDA; on a GPU runner, `tox -e perf` records per rank the
-tokens/s, the MFU (model FLOPs, `pytest_lora.flops`) and the estimate's error in `extra_info`.
+tokens/s, the MFU (model FLOPs, `pytest_lora.core.flops`) and the estimate's error in `extra_info`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import load_4bit_on_cuda, lora_config
 
-from pytest_lora.adapters import AdapterManager
-from pytest_lora.flops import mfu, peak_flops, step_flops
-from pytest_lora.memory import format_bytes, memory_breakdown
-from pytest_lora.shapes import model_shape
+from pytest_lora.core.flops import mfu, peak_flops, step_flops
+from pytest_lora.core.memory import format_bytes, memory_breakdown
+from pytest_lora.model.adapters import AdapterManager
+from pytest_lora.model.shapes import model_shape
 
 pytestmark = [
     pytest.mark.lora,

@@ -19,9 +19,9 @@ import torch
 from _flop_counter import counted_flops_per_token, tiny_unquantized
 from conftest import lora_config
 
-from pytest_lora.flops import step_flops
-from pytest_lora.shapes import model_shape
-from pytest_lora.training import synthetic_data
+from pytest_lora.core.flops import step_flops
+from pytest_lora.model.shapes import model_shape
+from pytest_lora.model.training import synthetic_data
 
 pytestmark = pytest.mark.lora
 

@@ -1,0 +1,8 @@
+"""The defaults of a pytest-lora training run, shared by `lora_train`, `lora_benchmark` and the rank sweep."""
+
+from __future__ import annotations
+
+DEFAULT_STEPS = 40
+DEFAULT_LR = 1e-2  # AdamW on the adapters of a tiny model: learns in a few dozen steps, stays finite
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SEQ_LEN = 64

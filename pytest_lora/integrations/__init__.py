@@ -1,0 +1,1 @@
+"""Optional integrations: Hypothesis (entry point and strategies), MLflow, matplotlib plots."""

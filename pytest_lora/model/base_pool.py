@@ -1,0 +1,99 @@
+"""The pool of base models of a session: each loaded once, with its adapter manager and what ran.
+
+It knows nothing of pytest; the plugin keeps one in `config.stash` and the fixtures ask it
+for a base model. A base is keyed by everything that changes what is loaded (model, device,
+quantization, trust), so a marker that asks for another model loads that one once too.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pytest_lora.core.errors import LoraError
+from pytest_lora.core.policy import Policy
+from pytest_lora.core.settings import Settings
+
+if TYPE_CHECKING:  # the model side loads with the first base, not with the plugin
+    from pytest_lora.model.adapters import AdapterManager
+    from pytest_lora.model.loading import LoadedBase
+
+_MODEL_KEYS = (
+    "model",
+    "task",
+    "device",
+    "load_in_4bit",
+    "quant_type",
+    "compute_dtype",
+    "double_quant",
+    "trust_remote_code",
+    "allow_unsafe_pickle",
+    "cache_dir",
+)
+
+
+def model_key(settings: Settings) -> tuple[Any, ...]:
+    """What identifies a loaded base: two settings with the same key share one model."""
+    return tuple(getattr(settings, name) for name in _MODEL_KEYS)
+
+
+@dataclass
+class BaseModelPool:
+    """Base models by key, loaded lazily on first use; load counts and digests for the checks."""
+
+    settings: Settings
+    policy: Policy
+    bases: dict[tuple[Any, ...], LoadedBase] = field(default_factory=dict)
+    managers: dict[tuple[Any, ...], AdapterManager] = field(default_factory=dict)
+    loads: Counter[tuple[Any, ...]] = field(default_factory=Counter)
+    digests: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    failures: dict[tuple[Any, ...], LoraError] = field(default_factory=dict)
+
+    def base(self, settings: Settings | None = None) -> LoadedBase:
+        """The base model for these settings, loaded on first use only."""
+        from pytest_lora.model.adapters import AdapterManager, weights_digest
+        from pytest_lora.model.loading import load_base_model
+
+        settings = settings or self.settings
+        key = model_key(settings)
+        if key in self.failures:
+            raise self.failures[key]
+        if key not in self.bases:
+            try:
+                loaded = load_base_model(settings)
+            except LoraError as exc:  # every later test gets the same message, without a second attempt
+                self.failures[key] = exc
+                raise
+            self.loads[key] += 1
+            self.bases[key] = loaded
+            self.managers[key] = AdapterManager(
+                loaded.model,
+                seed=settings.seed,
+                reload=lambda: load_base_model(settings).model,
+                verify_weights=self.settings.verify_base,
+            )
+            if self.settings.verify_base:
+                self.digests[key] = weights_digest(loaded.model)
+        return self.bases[key]
+
+    def manager(self, settings: Settings | None = None) -> AdapterManager:
+        """The adapter manager of the base for these settings (loading it if needed)."""
+        settings = settings or self.settings
+        self.base(settings)
+        return self.managers[model_key(settings)]
+
+    def check_clean(self, when: str) -> None:
+        """Every base is exactly as loaded, no adapter attached; raises (after repairing) when one is not."""
+        for manager in self.managers.values():
+            manager.assert_clean(when)
+
+    def changed_bases(self) -> list[str]:
+        """Labels of bases whose weights differ from the digest taken when they were loaded."""
+        from pytest_lora.model.adapters import weights_digest
+
+        return [
+            self.bases[key].source.label
+            for key, digest in self.digests.items()
+            if weights_digest(self.bases[key].model) != digest
+        ]

@@ -1,0 +1,267 @@
+"""pytest-lora's pytest door: options, the `lora` marker, the report header, the hooks.
+
+Importing this module imports no torch, transformers, peft or bitsandbytes: they load when a
+LoRA fixture is first used, so a project that has pytest-lora installed pays nothing in its
+other test runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_lora.core.errors import LoraAssertionError, LoraError, SettingsError
+from pytest_lora.core.policy import Policy, load_policy, policy_from_table, reset_active_policy, set_active_policy
+from pytest_lora.core.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
+from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
+from pytest_lora.plugin.invocation import check_rootdir
+from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
+from pytest_lora.plugin.xdist import is_worker
+
+if TYPE_CHECKING:  # the report formats load with the first test report, not with the plugin
+    from pytest_lora.core.report import RunRecord
+
+# Extension plugins that add options must load with the plugin (before the command line is parsed);
+# `-p no:lora` disables them too.
+pytest_plugins = ("pytest_lora.plugin.adapter_check", "pytest_lora.plugin.sweep")
+
+# A logging filter only (bitsandbytes is not imported): set before any conftest imports bitsandbytes.
+silence_bitsandbytes_kernel_notice()
+
+_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+_OWN_DIR = str(Path(__file__).parent)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key."""
+    group = parser.getgroup("lora", "LoRA rank policy (pytest-lora)")
+    for spec in OPTIONS:
+        dest = f"lora_{spec.name}"
+        if spec.is_flag:
+            group.addoption(spec.flag, action="store_true", default=None, dest=dest, help=spec.help)
+        else:
+            group.addoption(spec.flag, dest=dest, default=None, type=argparse_type(spec), help=spec.help)
+        parser.addini(spec.ini, help=f"{spec.help} [pytest-lora]", default=None)
+
+
+def _pyproject(config: pytest.Config) -> Path | None:
+    if config.inipath is not None and config.inipath.name == "pyproject.toml":
+        return config.inipath
+    candidate = config.rootpath / "pyproject.toml"
+    return candidate if candidate.is_file() else None
+
+
+def _resolve(config: pytest.Config) -> LoraState:
+    """Settings and policy from the command line, `[tool.pytest_lora]` and ini; the pyproject is parsed once."""
+    from pytest_lora.model.base_pool import BaseModelPool
+
+    pyproject = _pyproject(config)
+    table = read_pyproject(pyproject) if pyproject else {}
+    cli = {spec.name: config.getoption(f"lora_{spec.name}") for spec in OPTIONS}
+    ini = {spec.name: config.getini(spec.ini) for spec in OPTIONS}
+    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None)
+    policy: Policy | None = None
+    if (
+        settings.policy
+        and pyproject
+        and _same_file(settings.policy, pyproject)
+        and isinstance(table.get("policy"), Mapping)
+    ):  # the inline `[tool.pytest_lora.policy]` table: already parsed above
+        policy = policy_from_table(table, settings.policy)
+    elif settings.policy:
+        policy = load_policy(settings.policy)
+    return LoraState(BaseModelPool(settings, policy or Policy()), str(pyproject) if pyproject else None)
+
+
+def _same_file(path: str, pyproject: Path) -> bool:
+    return os.path.abspath(path) == os.path.abspath(pyproject)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Validate settings and policy before any test runs: a bad value is a usage error (exit 4)."""
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(**overrides): a LoRA policy test (selected by `-m lora`); keyword arguments override "
+        "pytest-lora settings for the test, class or module, e.g. model='./models/x', seed=1",
+    )
+    check_rootdir(config)  # first: a moved rootdir would silently drop the policy checked below
+    try:
+        state = _resolve(config)
+    except SettingsError as exc:  # PolicyError included
+        raise pytest.UsageError(f"pytest-lora: {exc}") from None
+    if state.session.settings.require_gpu:
+        _require_gpu()
+    config.stash[STATE] = state
+    state.policy_token = set_active_policy(state.session.policy)
+    from pytest_lora.plugin import fixtures
+
+    config.pluginmanager.register(fixtures, "lora-fixtures")
+    config.pluginmanager.register(LoraReporter(state), "lora-reporter")
+    if config.pluginmanager.hasplugin("benchmark"):  # pytest-benchmark is active: lora_benchmark builds on it
+        config.pluginmanager.import_plugin("pytest_lora.plugin.bench")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The assertions' active policy goes back to what it was before this session (in-process runs nest)."""
+    state = config.stash.get(STATE, None)
+    if state is not None and state.policy_token is not None:
+        reset_active_policy(state.policy_token)
+        state.policy_token = None
+
+
+def _require_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise pytest.UsageError(
+            "pytest-lora: --lora-require-gpu is set, but no CUDA device is available "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}).\n"
+            "  The session stops instead of running the LoRA tests on the CPU or skipping them.\n"
+            "  fix: run on a GPU runner with a CUDA build of torch, or drop --lora-require-gpu"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say what is in force: model, device, quantization, policy."""
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return []
+    settings = state.session.settings
+    device = settings.device
+    if device == "auto":
+        device = "auto (CUDA if available, else CPU; resolved when the model loads)"
+    lines = [
+        f"lora: model={settings.model or 'builtin:tiny-llama'}, device={device}, {settings.quantization_label()}",
+        f"lora: policy={state.session.policy.source}",
+    ]
+    if settings.trust_remote_code:
+        lines.append("lora: trust_remote_code=ON (the model's own Python code will run)")
+    if settings.allow_unsafe_pickle:
+        lines.append("lora: allow_unsafe_pickle=ON (pickled checkpoints may run code when loaded)")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that use a LoRA fixture are LoRA tests: mark them so `-m lora` selects them."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if any(name.startswith("lora_") for name in names) and item.get_closest_marker(MARKER) is None:
+            item.add_marker(MARKER)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Marker keywords are checked before the test runs: a typo errors the test, never ignored."""
+    node_settings(item)  # merged once and kept for `lora_settings`
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """After the fixtures are gone, the shared base must be as loaded (catches stray get_peft_model)."""
+    try:
+        return (yield)
+    finally:  # also when a fixture's teardown raised: the leak is this test's, not the next one's
+        state = item.config.stash.get(STATE, None)
+        if state is not None:
+            state.session.check_clean(f"after {item.nodeid}")
+
+
+def _user_frame(entry: Any) -> bool:
+    path = str(entry.path)
+    return not path.startswith(_OWN_DIR) and not any(f"{sep}{lib}{sep}" in path for lib in _LIBRARIES for sep in "/\\")
+
+
+_XFAIL_KEY = "lora_xfail_diagnosis"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """pytest-lora's own errors show the user's line and the diagnosis, not frames deep in torch/PEFT.
+
+    An expected failure (xfail) keeps its diagnosis for the `lora` summary: a deliberately bad
+    config documents what the check says about it.
+    """
+    report = yield
+    excinfo = call.excinfo
+    if excinfo is None or not isinstance(excinfo.value, (LoraError, LoraAssertionError)):
+        return report
+    if hasattr(report, "wasxfail"):
+        report.user_properties.append((_XFAIL_KEY, str(excinfo.value)))
+        return report
+    if call.when == "call" and isinstance(item, pytest.Function):
+        if not item.config.getoption("fulltrace", False):
+            report.longrepr = excinfo.getrepr(
+                funcargs=True,
+                style="short" if item.config.getoption("tbstyle", "auto") == "short" else "long",
+                tbfilter=lambda info: item._traceback_filter(info).filter(_user_frame) or item._traceback_filter(info),
+            )
+    else:
+        report.longrepr = f"{type(excinfo.value).__name__}: {excinfo.value}"
+    return report
+
+
+class LoraReporter:
+    """The `lora` section of the terminal summary; a plugin object so it can keep what it saw.
+
+    Diagnoses of expected failures arrive through `user_properties`, which travel with the
+    reports, so under xdist the controller shows those of every worker.
+    """
+
+    def __init__(self, state: LoraState) -> None:
+        self.state = state
+        self.xfails: list[tuple[str, str]] = []
+        self.runs: list[RunRecord] = []  # lora_benchmark records, from every xdist worker too
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.xfails += [(report.nodeid, value) for key, value in report.user_properties if key == _XFAIL_KEY]
+        if report.when == "call":
+            from pytest_lora.core.report import records_from_properties
+
+            self.runs += records_from_properties(report.user_properties)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        session = self.state.session
+        if not (session.bases or self.xfails or self.runs):
+            return
+        terminalreporter.section("lora")
+        for nodeid, message in self.xfails:
+            terminalreporter.write_line(f"xfail {nodeid} (expected), its diagnosis:")
+            for line in message.splitlines():
+                terminalreporter.write_line(f"    {line}")
+        for key, loaded in session.bases.items():
+            terminalreporter.write_line(
+                f"base model {loaded.source.label} on {loaded.placement or loaded.device} ({loaded.quantization}): "
+                f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s"
+            )
+        changed = self.state.changed_bases
+        if changed:
+            terminalreporter.write_line(
+                f"--lora-verify-base: base weights CHANGED during the session: {', '.join(changed)}", red=True
+            )
+        elif changed is not None:
+            terminalreporter.write_line("--lora-verify-base: base weights identical at start and end", green=True)
+        from pytest_lora.core.report import write_rank_table
+
+        write_rank_table(terminalreporter, self.runs)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """`--lora-report PATH`: the JSON report, written once, by the controller under xdist."""
+        path = self.state.session.settings.report
+        if path and not is_worker(session.config):
+            from pytest_lora.core.report import write_json
+
+            write_json(path, self.runs)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """`--lora-verify-base`: a base that changed fails the session, whatever the tests said."""
+    state = session.config.stash.get(STATE, None)
+    if state is None or not state.session.settings.verify_base or not state.session.bases:
+        return
+    state.changed_bases = state.session.changed_bases()
+    if state.changed_bases and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

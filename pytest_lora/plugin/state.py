@@ -1,0 +1,51 @@
+"""The plugin's session state in `config.stash`, and the `lora` markers merged into a test's settings, once."""
+
+from __future__ import annotations
+
+from contextvars import Token
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_lora.core.settings import Settings
+
+if TYPE_CHECKING:
+    from pytest_lora.core.policy import Policy
+    from pytest_lora.model.base_pool import BaseModelPool
+
+MARKER = "lora"
+
+
+@dataclass
+class LoraState:
+    """What `pytest_configure` resolved: the session registry (settings, policy) and the pyproject used."""
+
+    session: BaseModelPool
+    pyproject: str | None
+    changed_bases: list[str] | None = None  # filled at session end under --lora-verify-base
+    policy_token: Token[Policy] | None = None  # resets the assertions' active policy at the session's end
+
+
+STATE = pytest.StashKey[LoraState]()
+SETTINGS = pytest.StashKey[Settings]()  # on a test node: the settings in force for it
+
+
+def marker_overrides(node: pytest.Item | Any) -> dict[str, Any]:
+    """Keyword arguments of every `lora` marker on the test, its class and module; the closest wins."""
+    merged: dict[str, Any] = {}
+    for mark in reversed(list(node.iter_markers(MARKER))):
+        merged.update(mark.kwargs)
+    return merged
+
+
+def node_settings(node: pytest.Item | Any) -> Settings:
+    """The settings in force for a test (or a function being parametrized): the session's with its `lora`
+    markers' keywords applied. Merged once per node and kept in its stash; a bad keyword raises SettingsError."""
+    settings = node.stash.get(SETTINGS, None)
+    if settings is None:
+        pool = node.config.stash[STATE].session
+        overrides = marker_overrides(node)
+        settings = pool.settings.with_overrides(overrides, node.nodeid) if overrides else pool.settings
+        node.stash[SETTINGS] = settings
+    return settings
