@@ -252,7 +252,8 @@ def policy_from_mapping(data: Mapping[str, object], source: str) -> Policy:
 
     Any input either gives a Policy or raises PolicyError, so a hand-edited TOML can never crash the run.
     """
-    return _build(Policy, data, source, source=source)
+    policy: Policy = _build(Policy, data, source, source=source)
+    return policy
 
 
 def policy_from_table(table: Mapping[str, object], path: str | os.PathLike[str]) -> Policy | None:

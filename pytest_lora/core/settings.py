@@ -184,7 +184,7 @@ def check_ranks(ranks: tuple[int, ...]) -> str | None:
 
 
 def reject_unknown(
-    table: Mapping[object, object],
+    table: Mapping[typing.Any, object],
     valid: Collection[str],
     where: str,
     error: type[LoraError] = SettingsError,
@@ -296,7 +296,10 @@ class Settings:
                     f"Marker keywords: {', '.join(sorted(allowed))}."
                 )
         reject_unknown(overrides, allowed, label, noun="keyword")
-        values = {key: specs[key].parse(value, f"{label} {key}") for key, value in overrides.items()}
+        # each value parsed to its field's type by the field's spec, which mypy cannot follow through `replace`
+        values: dict[str, typing.Any] = {
+            key: specs[key].parse(value, f"{label} {key}") for key, value in overrides.items()
+        }
         sources = {**self.sources, **dict.fromkeys(values, f"marker on {where}")}
         return replace(self, **values, sources=types.MappingProxyType(sources))
 
@@ -358,7 +361,7 @@ def _from_text(text: str, hint: object) -> object:
         return _BOOL_WORDS.get(text.lower(), text)
     if inner in (int, float):
         try:
-            return inner(text)  # type: ignore[operator]
+            return inner(text)
         except ValueError:
             return text
     return text
