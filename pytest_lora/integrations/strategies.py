@@ -50,7 +50,7 @@ _BIASES = ("none", "all", "lora_only")
 # Inits that need neither data nor a change of the base weights. "orthogonal" needs even ranks and a float
 # base layer (on a 4-bit layer PEFT crashes in torch), so it is drawn only when asked for.
 _INITS = (True, False, "gaussian", "orthogonal")
-_DEFAULT_INITS = (True, False, "gaussian")
+_DEFAULT_INITS: tuple[bool | str, ...] = (True, False, "gaussian")
 _REFUSED_INITS = (
     "pissa, olora, corda and loftq rewrite the base weights (a shared base cannot be restored), eva and lora_ga "
     "need data, mica fails on a 4-bit base"
@@ -355,12 +355,18 @@ def lora_configs(
     return _configs(space)
 
 
-def _check_orthogonal_ranks(init_lora_weights: object, ranks: object) -> None:
-    """Orthogonal init only, with fixed ranks that are all odd: nothing PEFT accepts can be drawn."""
+def _check_orthogonal_ranks(
+    init_lora_weights: bool | str | Sequence[bool | str] | SearchStrategy[bool | str],
+    ranks: int | Sequence[int] | SearchStrategy[int],
+) -> None:
+    """Orthogonal init only, with fixed ranks that are all odd: nothing PEFT accepts can be drawn.
+
+    Called after `_strategy` checked both, so a fixed `ranks` is one integer or a list or tuple of them.
+    """
     if isinstance(init_lora_weights, SearchStrategy) or isinstance(ranks, SearchStrategy):
         return
     inits = list(init_lora_weights) if isinstance(init_lora_weights, (list, tuple)) else [init_lora_weights]
-    fixed = ranks if isinstance(ranks, (list, tuple)) else [ranks]
+    fixed = ranks if isinstance(ranks, Sequence) else [ranks]
     if inits == ["orthogonal"] and all(r % 2 for r in fixed):
         raise InvalidArgument(
             f"init_lora_weights='orthogonal' with ranks={ranks!r}: PEFT's orthogonal init needs an even rank"

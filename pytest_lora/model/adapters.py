@@ -358,7 +358,7 @@ def strip_adapters(model: Any) -> int:
     wrappers = (BaseTunerLayer, AuxiliaryTrainingWrapper)
     removed = 0
     while True:
-        outermost = []
+        outermost: list[tuple[str, Any]] = []
         for name, module in model.named_modules():
             if name and isinstance(module, wrappers) and not any(name.startswith(f"{o}.") for o, _ in outermost):
                 outermost.append((name, module))

@@ -12,8 +12,8 @@ import functools
 import math
 import operator
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from pytest_lora.core.curves import analyze_overfit, analyze_plateau
 from pytest_lora.core.errors import LoraAssertionError, LoraPolicyWarning
@@ -31,7 +31,7 @@ from pytest_lora.model.counting import (
 from pytest_lora.model.estimate import module_features, rank_setting
 
 
-def _fail(lines: Sequence[str]) -> None:
+def _fail(lines: Sequence[str]) -> NoReturn:
     __tracebackhide__ = True
     raise LoraAssertionError("\n".join(lines))
 
@@ -161,7 +161,7 @@ def assert_alpha_ratio(
     """
     __tracebackhide__ = True
     base = active_policy()
-    changes = {
+    changes: dict[str, Any] = {  # each one typed by this function's signature
         k: v for k, v in {"alpha_ratio": ratio, "alpha_tolerance": tolerance, "rslora": rslora}.items() if v is not None
     }
     policy = dataclasses.replace(base, **changes) if changes else base
@@ -186,6 +186,7 @@ def assert_alpha_ratio(
     bad = []
     for where, r, alpha, scaling in rows:
         want = policy.expected_alpha(r, config.use_rslora)
+        assert want is not None  # None only for rsLoRA under "forbid", which failed above
         if not math.isclose(alpha, want, rel_tol=max(policy.alpha_tolerance, 1e-9)):
             bad.append((where, r, alpha, scaling, want))
     if not bad:
@@ -353,6 +354,7 @@ def assert_no_plateau(losses_or_result: Any, **overrides: Any) -> None:
     unit, factor = ("%", 100) if rule.mode == "rel" else ("", 1)
     need = limit_text(rule.min_delta, scale=factor)
     if verdict.kind == "non_finite":
+        assert verdict.bad_index is not None  # analyze_plateau names the point of every non-finite verdict
         lines = [
             f"LoRA training loss is {verdict.bad_value} at step {verdict.bad_index + 1} (of {len(losses)})",
             "  the run diverged: learning rate too high, alpha far above 2*r, or fp16 overflow",
@@ -459,7 +461,7 @@ def assert_policy(config_or_model: Any, policy: Policy | None = None) -> None:
     forbidden = [t for t in policy.forbidden_targets if t in targets]
     if forbidden:
         problems.append(f"forbidden target modules adapted: {', '.join(forbidden)}")
-    checks = [lambda: assert_alpha_ratio(model or config)]
+    checks: list[Callable[[], object]] = [lambda: assert_alpha_ratio(model or config)]
     if model is not None:
         checks.append(lambda: assert_param_budget(model))
     with use_policy(policy):

@@ -559,7 +559,7 @@ def check_run_args(
         raise TrainingError("lora_train: " + "; ".join(problems))
 
 
-def _seed_problem(seed: object) -> str | None:
+def _seed_problem(seed: int) -> str | None:
     """A seed torch cannot take (its generators hold 64 bits) or --lora-seed would refuse, in words; None if fine."""
     if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         return f"seed={seed!r}: must be an int in [0, 2**63 - 1], as --lora-seed (e.g. 0)"
