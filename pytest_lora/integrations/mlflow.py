@@ -33,6 +33,26 @@ def _scalar(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
+class MlflowSweepLogger:
+    """`--lora-mlflow URI`: an implementation of the `pytest_lora_sweep_decided` hook (pluggy matches it by name).
+
+    A tracking store that fails must not lose the sweep: the report files are written already, and the
+    note under the sweep in the terminal summary says what happened.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def pytest_lora_sweep_decided(self, decision: Any, report: Any) -> None:
+        try:
+            run_id = log_sweep(self.uri, decision, report.provenance, report.paths)
+        except Exception as exc:  # any store error; the report on disk stays the record
+            failure = f"{type(exc).__name__}: {exc}"
+            report.notes.append(f"MLflow logging to {self.uri} FAILED ({failure}); the report files above are complete")
+        else:
+            report.notes.append(f"MLflow: logged to {self.uri} (decision run {run_id}, one child run per rank)")
+
+
 def log_sweep(uri: str, decision: Any, provenance: Mapping[str, Any], artifacts: Sequence[Path]) -> str:
     """Log the decision and every rank's row to the tracking store at `uri`; return the parent run id."""
     from mlflow.entities import Metric, Param, RunTag

@@ -36,6 +36,13 @@ _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _OWN_DIR = str(Path(__file__).parent)
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """pytest-lora's extension hooks (`pytest_lora.plugin.hookspec`), for conftest.py files and plugins."""
+    from pytest_lora.plugin import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key."""
     group = parser.getgroup("lora", "LoRA rank policy (pytest-lora)")

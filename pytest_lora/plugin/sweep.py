@@ -28,7 +28,7 @@ from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SE
 from pytest_lora.core.errors import AdapterConfigError, PolicyError, SettingsError
 from pytest_lora.core.policy import SweepRule
 from pytest_lora.core.settings import Settings
-from pytest_lora.integrations.mlflow import log_sweep, require_mlflow
+from pytest_lora.integrations.mlflow import MlflowSweepLogger, require_mlflow
 from pytest_lora.plugin.state import STATE, node_settings
 from pytest_lora.plugin.xdist import is_worker
 
@@ -75,6 +75,8 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"pytest-lora: {exc}") from None
     if not is_worker(config) and STATE in config.stash:
         config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
+        if uri:  # the first user of the `pytest_lora_sweep_decided` hook
+            config.pluginmanager.register(MlflowSweepLogger(uri), "lora-mlflow")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -327,6 +329,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+@dataclasses.dataclass
+class SweepReport:
+    """What `pytest_lora_sweep_decided` implementations get besides the decision: the sweep and its files.
+
+    `notes` are shown under the sweep in the terminal summary; an implementation appends its own.
+    """
+
+    group: str
+    provenance: dict[str, Any]
+    paths: list[Path]
+    notes: list[str]
+
+
 class SweepRecorder:
     """Controller side: gathers each rank's result from the reports, decides at the end, writes the report."""
 
@@ -384,19 +399,9 @@ class SweepRecorder:
             if calibration is not None:
                 provenance["calibration"] = {"planted_rank": first["planted_rank"], "passed": calibration[0]}
             paths, notes = write_report(decision, provenance, directory, _file_name(group))
-            uri = self.config.getoption("lora_mlflow")
-            if uri:
-                notes.append(self._log_to_mlflow(uri, decision, provenance, paths))
-            self.outcomes.append((group, decision, paths, notes))
-
-    @staticmethod
-    def _log_to_mlflow(uri: str, decision: Any, provenance: dict[str, Any], paths: list[Path]) -> str:
-        """A tracking store that fails must not lose the sweep: the files are written, the note says why."""
-        try:
-            run_id = log_sweep(uri, decision, provenance, paths)
-        except Exception as exc:  # any store error; the report on disk stays the record
-            return f"MLflow logging to {uri} FAILED ({type(exc).__name__}: {exc}); the report files above are complete"
-        return f"MLflow: logged to {uri} (decision run {run_id}, one child run per rank)"
+            report = SweepReport(group, provenance, paths, notes)
+            self.config.hook.pytest_lora_sweep_decided(config=self.config, decision=decision, report=report)
+            self.outcomes.append((group, decision, report.paths, report.notes))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Name the chosen rank of each sweep, with its table and where the report is."""
