@@ -52,6 +52,41 @@ def test_marker_selects_lora_tests_under_strict_markers(lora_pytester: pytest.Py
     result.stdout.fnmatch_lines(["*test_marked PASSED*", "*test_uses_fixture PASSED*"])
 
 
+def test_only_pytest_loras_own_fixtures_mark_a_test_lora(lora_pytester: pytest.Pytester) -> None:
+    """A user's fixture named lora_* is not a LoRA test; one of pytest-lora's, directly or underneath, is."""
+    lora_pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture
+        def lora_mine():
+            return 1
+
+        @pytest.fixture
+        def lora_dataset(lora_policy):
+            return lora_policy
+        """
+    )
+    lora_pytester.makepyfile(
+        """
+        def test_user_fixture(lora_mine):
+            pass
+
+        def test_own_fixture(lora_model):
+            pass
+
+        def test_through_a_user_fixture(lora_dataset):
+            pass
+        """
+    )
+    result = lora_pytester.runpytest("--strict-markers", "-m", "lora", "--collect-only", "-q")
+    assert [line for line in result.stdout.lines if "::" in line] == [
+        "test_only_pytest_loras_own_fixtures_mark_a_test_lora.py::test_own_fixture",
+        "test_only_pytest_loras_own_fixtures_mark_a_test_lora.py::test_through_a_user_fixture",
+    ]
+    result.stdout.fnmatch_lines(["*2/3 tests collected (1 deselected)*"])
+
+
 def test_disabling_the_plugin(lora_pytester: pytest.Pytester) -> None:
     lora_pytester.makepyfile("def test_it(lora_model):\n    pass\n")
     result = lora_pytester.runpytest("-p", "no:lora")

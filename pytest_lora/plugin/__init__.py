@@ -34,6 +34,7 @@ silence_bitsandbytes_kernel_notice()
 
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _OWN_DIR = str(Path(__file__).parent)
+_OWN_PACKAGE = "pytest_lora."
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -153,11 +154,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that use a LoRA fixture are LoRA tests: mark them so `-m lora` selects them."""
+    """Tests that use one of pytest-lora's fixtures (directly or through another fixture) are LoRA tests:
+    mark them so `-m lora` selects them. A user's own `lora_*` fixture does not count."""
     for item in items:
-        names = getattr(item, "fixturenames", ())
-        if any(name.startswith("lora_") for name in names) and item.get_closest_marker(MARKER) is None:
+        if item.get_closest_marker(MARKER) is None and _uses_own_fixture(item):
             item.add_marker(MARKER)
+
+
+def _uses_own_fixture(item: pytest.Item) -> bool:
+    """Whether a fixture the item requests resolves to one pytest-lora registered (by its defining module)."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest.Function's resolved fixtures; other items have none
+    if info is None:
+        return False
+    return any(
+        getattr(fixturedef.func, "__module__", "").startswith(_OWN_PACKAGE)
+        for fixturedefs in info.name2fixturedefs.values()
+        for fixturedef in fixturedefs
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
