@@ -18,13 +18,16 @@ EXPERIMENT = "pytest-lora rank sweep"
 _PROVENANCE = ("base_model", "dataset", "dataset_fingerprint", "git_commit", "policy")
 
 
-def require_mlflow(uri: str) -> None:
-    """`--lora-mlflow` without MLflow installed is a usage error before any test runs, not lost results."""
+def require_mlflow(where: str) -> None:
+    """`--lora-mlflow` without MLflow installed is a usage error before any test runs, not lost results.
+
+    `where` names the setting and its value as the user wrote it (`--lora-mlflow URI`, a pyproject key, ...).
+    """
     import importlib.util
 
     if importlib.util.find_spec("mlflow") is None:
         raise SettingsError(
-            f"--lora-mlflow {uri}: MLflow is not installed.\n"
+            f"{where}: MLflow is not installed.\n"
             "  fix: pip install 'pytest-lora[mlflow]' (mlflow-skinny, plus SQLAlchemy and Alembic for sqlite:// stores)"
         )
 

@@ -45,14 +45,24 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key."""
+    """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key.
+
+    Every option defaults to None ("not given"), so the other layers apply; a boolean is turned off with
+    its `--no-lora-*` flag, as on with its `--lora-*` flag (or `--lora-*=false` for valued ones).
+    """
     group = parser.getgroup("lora", "LoRA rank policy (pytest-lora)")
     for spec in OPTIONS:
         dest = f"lora_{spec.name}"
         if spec.is_flag:
             group.addoption(spec.flag, action="store_true", default=None, dest=dest, help=spec.help)
+        elif spec.repeat:  # one value per flag; the list is parsed (and checked) as a whole in `_resolve`
+            group.addoption(spec.flag, action="append", dest=dest, default=None, metavar="PATH", help=spec.help)
         else:
             group.addoption(spec.flag, dest=dest, default=None, type=argparse_type(spec), help=spec.help)
+        if spec.boolean:
+            group.addoption(
+                spec.negative_flag, action="store_false", default=None, dest=dest, help=f"Turn {spec.flag} off"
+            )
         parser.addini(spec.ini, help=f"{spec.help} [pytest-lora]", default=None)
 
 

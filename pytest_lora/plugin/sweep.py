@@ -45,35 +45,17 @@ _WARMUP_STEPS = 1
 _warm_bases: weakref.WeakSet[Any] = weakref.WeakSet()  # base models this process has trained on once
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """`--lora-sweep-dir DIR`: where the sweep reports go."""
-    parser.getgroup("lora", "LoRA rank policy (pytest-lora)").addoption(
-        SWEEP_DIR_OPTION,
-        dest="lora_sweep_dir",
-        default=None,
-        metavar="DIR",
-        help=f"Directory for rank sweep reports (JSON, Markdown, PNG) (default: {DEFAULT_SWEEP_DIR} in the rootdir)",
-    )
-    parser.getgroup("lora").addoption(
-        "--lora-mlflow",
-        dest="lora_mlflow",
-        default=None,
-        metavar="URI",
-        help="Log each rank sweep to this MLflow tracking URI, e.g. sqlite:///mlflow.db: one run per rank "
-        "plus the decision (needs pytest-lora[mlflow]) (default: off)",
-    )
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     """The controller (or a serial run) gathers the per-rank results; xdist workers only send them."""
-    uri = config.getoption("lora_mlflow")
+    state = config.stash.get(STATE, None)
+    uri = state.session.settings.mlflow if state is not None else None
     if uri:
         try:
-            require_mlflow(uri)
+            require_mlflow(state.session.settings.describe("mlflow"))
         except SettingsError as exc:
             raise pytest.UsageError(f"pytest-lora: {exc}") from None
-    if not is_worker(config) and STATE in config.stash:
+    if not is_worker(config) and state is not None:
         config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
         if uri:  # the first user of the `pytest_lora_sweep_decided` hook
             config.pluginmanager.register(MlflowSweepLogger(uri), "lora-mlflow")
@@ -373,7 +355,7 @@ class SweepRecorder:
         from pytest_lora.core import sweep
 
         state = self.config.stash[STATE]
-        directory = Path(self.config.getoption("lora_sweep_dir") or self.config.rootpath / DEFAULT_SWEEP_DIR)
+        directory = Path(state.session.settings.sweep_dir or self.config.rootpath / DEFAULT_SWEEP_DIR)
         commit = sweep.git_commit(self.config.rootpath)
         versions = sweep.package_versions()
         for group in sorted({*self.points, *self.missing}):
