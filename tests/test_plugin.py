@@ -450,3 +450,16 @@ def test_z_base_is_as_loaded(lora_base_model, lora_model):
     result = lora_pytester.runpytest("--lora-verify-base", "-p", "no:randomly")
     result.assert_outcomes(passed=1, failed=3)
     result.stdout.fnmatch_lines(["*--lora-verify-base: base weights identical at start and end*"])
+
+
+def test_fixture_types_are_exported_for_annotations(lora_session, lora_adapters, lora_policy, lora_settings) -> None:
+    """`from pytest_lora import LoraTrain, ...`: the fixtures' values are of the exported types."""
+    import pytest_lora
+
+    assert isinstance(lora_session, pytest_lora.BaseModelPool)
+    assert isinstance(lora_adapters, pytest_lora.AdapterManager)
+    assert isinstance(lora_policy, pytest_lora.Policy) and isinstance(lora_settings, pytest_lora.Settings)
+    from pytest_lora.plugin import fixture_types, sweep
+
+    assert pytest_lora.SweepRun is sweep.SweepRun and pytest_lora.LoraTrain is fixture_types.LoraTrain
+    assert {"LoraModelFactory", "LoraTrain", "LoraBenchmark", "SweepRun"} <= set(pytest_lora.__all__)

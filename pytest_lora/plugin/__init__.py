@@ -246,7 +246,7 @@ class LoraReporter:
         self.runs: list[RunRecord] = []  # lora_benchmark records, from every xdist worker too
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.xfails += [(report.nodeid, value) for key, value in report.user_properties if key == _XFAIL_KEY]
+        self.xfails += [(report.nodeid, str(value)) for key, value in report.user_properties if key == _XFAIL_KEY]
         if report.when == "call":
             from pytest_lora.core.report import records_from_properties
 

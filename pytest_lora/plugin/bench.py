@@ -11,7 +11,7 @@ pytest-benchmark is active.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the shapes, FLOPs and report formats load with the first be
     from pytest_lora.core.report import RunRecord
     from pytest_lora.core.shapes import ModelShape
     from pytest_lora.model.base_pool import BaseModelPool
+    from pytest_lora.plugin.fixture_types import LoraBenchmark
 
 DEFAULT_STEPS_PER_ROUND = 4
 DEFAULT_ROUNDS = 5
@@ -87,7 +88,7 @@ def _check_args(**values: int) -> None:
 @pytest.fixture
 def lora_benchmark(
     benchmark: Any, request: pytest.FixtureRequest, lora_session: BaseModelPool, lora_settings: Settings
-) -> Iterator[Callable[..., RunRecord]]:
+) -> Iterator[LoraBenchmark]:
     """`lora_benchmark(config, *, batch_size=8, seq_len=64, steps_per_round=4, rounds=5, warmup_rounds=1,
     lr=1e-2, dataset=None) -> RunRecord`: time real LoRA training steps of `config` on the session base.
 

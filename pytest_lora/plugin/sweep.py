@@ -35,6 +35,7 @@ from pytest_lora.plugin.xdist import is_worker
 if TYPE_CHECKING:
     from pytest_lora.core.sweep import SweepDecision
     from pytest_lora.model.base_pool import BaseModelPool
+    from pytest_lora.plugin.fixture_types import LoraTrain
 
 SWEEP_DIR_OPTION = "--lora-sweep-dir"
 SWEEP_PROPERTY = "lora_sweep"  # user_properties key of a rank's result
@@ -49,16 +50,18 @@ _warm_bases: weakref.WeakSet[Any] = weakref.WeakSet()  # base models this proces
 def pytest_configure(config: pytest.Config) -> None:
     """The controller (or a serial run) gathers the per-rank results; xdist workers only send them."""
     state = config.stash.get(STATE, None)
-    uri = state.session.settings.mlflow if state is not None else None
-    if uri:
+    if state is None:
+        return
+    settings = state.session.settings
+    if settings.mlflow:
         try:
-            require_mlflow(state.session.settings.describe("mlflow"))
+            require_mlflow(settings.describe("mlflow"))
         except SettingsError as exc:
             raise pytest.UsageError(f"pytest-lora: {exc}") from None
-    if not is_worker(config) and state is not None:
+    if not is_worker(config):
         config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
-        if uri:  # the first user of the `pytest_lora_sweep_decided` hook
-            config.pluginmanager.register(MlflowSweepLogger(uri), "lora-mlflow")
+        if settings.mlflow:  # the first user of the `pytest_lora_sweep_decided` hook
+            config.pluginmanager.register(MlflowSweepLogger(settings.mlflow), "lora-mlflow")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -82,7 +85,7 @@ def lora_sweep(
     lora_sweep_rank: int,
     lora_session: BaseModelPool,
     lora_settings: Settings,
-    lora_train: Callable[..., Any],
+    lora_train: LoraTrain,
 ) -> SweepRun:
     """`lora_sweep.run(config)`: this item's short training run at `lora_sweep.rank`, recorded for the choice.
 
@@ -337,7 +340,7 @@ class SweepRecorder:
         """Results arrive here from this process or, under xdist, from the workers."""
         if report.when != "call":
             return
-        properties = dict(report.user_properties)
+        properties: dict[str, Any] = dict(report.user_properties)
         item = properties.get(ITEM_PROPERTY)
         if item is None:
             return
