@@ -463,3 +463,29 @@ def test_fixture_types_are_exported_for_annotations(lora_session, lora_adapters,
 
     assert pytest_lora.SweepRun is sweep.SweepRun and pytest_lora.LoraTrain is fixture_types.LoraTrain
     assert {"LoraModelFactory", "LoraTrain", "LoraBenchmark", "SweepRun"} <= set(pytest_lora.__all__)
+
+
+def test_library_deprecations_from_pytest_loras_calls_are_silenced_the_users_own_warnings_show(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A user project without the repository's filterwarnings: torch's `script_method` and transformers'
+    `is_gradient_checkpointing` deprecations come from pytest-lora's own calls and are not shown; the user's
+    own DeprecationWarning is. A subprocess: the torch one fires when a process first imports peft."""
+    cache = tmp_path_factory.getbasetemp() / "lora-model-cache"
+    pytester.makeini(f"[pytest]\naddopts = -p no:randomly\nlora_cache_dir = {cache}\n")
+    pytester.makepyfile(
+        """
+        import warnings
+
+        def test_train(lora_train):
+            assert lora_train({"r": 4, "target_modules": ["q_proj"]}, steps=1, batch_size=2, seq_len=16).steps == 1
+
+        def test_own_warning():
+            warnings.warn("the user's own deprecation", DeprecationWarning)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(["*DeprecationWarning: the user's own deprecation*"])
+    output = result.stdout.str()
+    assert "script_method" not in output and "is_gradient_checkpointing" not in output

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_lora.core.errors import AdapterConfigError, ModelLoadError, SettingsError
 from pytest_lora.core.settings import TASKS
-from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
+from pytest_lora.model.quiet import library_warnings_silenced, silence_bitsandbytes_kernel_notice
 from pytest_lora.model.zoo import BUILTIN_PREFIX, DEFAULT_ZOO_NAME, zoo_entry
 from pytest_lora.model.zoo import TINY_LLAMA_CONFIG as TINY_LLAMA_CONFIG  # re-exported: the default's config
 from pytest_lora.model.zoo import builtin_model_dir as builtin_model_dir  # re-exported: the loader's cache
@@ -301,6 +301,7 @@ def unwrapped(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+@library_warnings_silenced()
 def load_base_model(settings: Settings) -> LoadedBase:
     """Load the base model named by the settings, frozen, guarded against the CPU repack trap."""
     source = resolve_source(settings.model, settings.describe("model"))
