@@ -3,7 +3,14 @@
 import pytest
 from peft import LoraConfig
 
-from pytest_lora import assert_adapter_shapes, assert_alpha_ratio, assert_no_plateau, assert_param_budget
+from pytest_lora import (
+    LoraModelFactory,
+    LoraTrain,
+    assert_adapter_shapes,
+    assert_alpha_ratio,
+    assert_no_plateau,
+    assert_param_budget,
+)
 
 pytestmark = pytest.mark.lora
 RANKS = [4, 8, 16]
@@ -22,7 +29,7 @@ def lora_config(r: int, alpha: float | None = None) -> LoraConfig:
 
 
 @pytest.mark.parametrize("r", RANKS)
-def test_param_budget(lora_model, r):
+def test_param_budget(lora_model: LoraModelFactory, r: int) -> None:
     """Step 1: the LoRA parameters are within the policy's share of the model."""
     assert_param_budget(lora_model(lora_config(r)))
 
@@ -34,14 +41,14 @@ def test_alpha_ratio(r):
 
 
 @pytest.mark.parametrize("r", RANKS)
-def test_adapter_shapes_after_two_steps(lora_train, r):
+def test_adapter_shapes_after_two_steps(lora_train: LoraTrain, r: int) -> None:
     """Step 3: after two steps, q_proj and v_proj carry (r, in) and (out, r) adapters, and only they train."""
     result = lora_train(lora_config(r), steps=2)
     assert_adapter_shapes(result.model)
     assert result.base_unchanged
 
 
-def test_no_plateau_on_a_short_run(lora_train):
+def test_no_plateau_on_a_short_run(lora_train: LoraTrain) -> None:
     """A sound config learns: the smoothed loss falls clearly within 40 steps."""
     result = lora_train(lora_config(8), steps=40)
     assert_no_plateau(result)

@@ -52,6 +52,15 @@ _WHERE = {
     "MemoryRecipe": "pytest_lora.core.recipe",
     "TrainResult": "pytest_lora.model.training",
     "synthetic_data": "pytest_lora.model.training",
+    # the fixtures' types, for annotating tests (`lora_train: LoraTrain`)
+    "LoraModelFactory": "pytest_lora.plugin.fixture_types",
+    "LoraTrain": "pytest_lora.plugin.fixture_types",
+    "LoraBenchmark": "pytest_lora.plugin.fixture_types",
+    "SweepRun": "pytest_lora.plugin.sweep",
+    "SweepReport": "pytest_lora.plugin.sweep",
+    "AdapterManager": "pytest_lora.model.adapters",
+    "BaseModelPool": "pytest_lora.model.base_pool",
+    "Settings": "pytest_lora.core.settings",
 }
 
 __all__ = sorted(_WHERE)
@@ -126,6 +135,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     from pytest_lora.core.recipe import (
         MemoryRecipe as MemoryRecipe,
     )
+    from pytest_lora.core.settings import (
+        Settings as Settings,
+    )
+    from pytest_lora.model.adapters import (
+        AdapterManager as AdapterManager,
+    )
     from pytest_lora.model.assertions import (
         assert_adapter_shapes as assert_adapter_shapes,
     )
@@ -143,6 +158,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     )
     from pytest_lora.model.assertions import (
         assert_policy as assert_policy,
+    )
+    from pytest_lora.model.base_pool import (
+        BaseModelPool as BaseModelPool,
     )
     from pytest_lora.model.counting import (
         ParamCount as ParamCount,
@@ -173,6 +191,21 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     )
     from pytest_lora.model.training import (
         synthetic_data as synthetic_data,
+    )
+    from pytest_lora.plugin.fixture_types import (
+        LoraBenchmark as LoraBenchmark,
+    )
+    from pytest_lora.plugin.fixture_types import (
+        LoraModelFactory as LoraModelFactory,
+    )
+    from pytest_lora.plugin.fixture_types import (
+        LoraTrain as LoraTrain,
+    )
+    from pytest_lora.plugin.sweep import (
+        SweepReport as SweepReport,
+    )
+    from pytest_lora.plugin.sweep import (
+        SweepRun as SweepRun,
     )
 
 

@@ -159,6 +159,11 @@ def test_saved_adapter_consistent_passes_and_a_planned_resume_is_checked(lora_py
     )
     lora_pytester.makepyprojecttoml(TINY_POLICY + "resume_rank = 8\n")
     lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1").assert_outcomes(passed=1)
+    # both as [tool.pytest_lora] keys: the file checked, and the message says where the rank came from
+    lora_pytester.makepyprojecttoml('[tool.pytest_lora]\ncheck = ["run-1"]\nresume_rank = 16\n' + TINY_POLICY)
+    result = lora_pytester.runpytest(*PLUGIN)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*planned resume at r = 16 (*pyproject.toml [[]tool.pytest_lora] resume_rank), but*"])
 
 
 def test_adapter_for_another_base_is_caught_from_the_header(lora_pytester: pytest.Pytester) -> None:

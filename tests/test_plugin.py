@@ -52,6 +52,41 @@ def test_marker_selects_lora_tests_under_strict_markers(lora_pytester: pytest.Py
     result.stdout.fnmatch_lines(["*test_marked PASSED*", "*test_uses_fixture PASSED*"])
 
 
+def test_only_pytest_loras_own_fixtures_mark_a_test_lora(lora_pytester: pytest.Pytester) -> None:
+    """A user's fixture named lora_* is not a LoRA test; one of pytest-lora's, directly or underneath, is."""
+    lora_pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture
+        def lora_mine():
+            return 1
+
+        @pytest.fixture
+        def lora_dataset(lora_policy):
+            return lora_policy
+        """
+    )
+    lora_pytester.makepyfile(
+        """
+        def test_user_fixture(lora_mine):
+            pass
+
+        def test_own_fixture(lora_model):
+            pass
+
+        def test_through_a_user_fixture(lora_dataset):
+            pass
+        """
+    )
+    result = lora_pytester.runpytest("--strict-markers", "-m", "lora", "--collect-only", "-q")
+    assert [line for line in result.stdout.lines if "::" in line] == [
+        "test_only_pytest_loras_own_fixtures_mark_a_test_lora.py::test_own_fixture",
+        "test_only_pytest_loras_own_fixtures_mark_a_test_lora.py::test_through_a_user_fixture",
+    ]
+    result.stdout.fnmatch_lines(["*2/3 tests collected (1 deselected)*"])
+
+
 def test_disabling_the_plugin(lora_pytester: pytest.Pytester) -> None:
     lora_pytester.makepyfile("def test_it(lora_model):\n    pass\n")
     result = lora_pytester.runpytest("-p", "no:lora")
@@ -415,3 +450,42 @@ def test_z_base_is_as_loaded(lora_base_model, lora_model):
     result = lora_pytester.runpytest("--lora-verify-base", "-p", "no:randomly")
     result.assert_outcomes(passed=1, failed=3)
     result.stdout.fnmatch_lines(["*--lora-verify-base: base weights identical at start and end*"])
+
+
+def test_fixture_types_are_exported_for_annotations(lora_session, lora_adapters, lora_policy, lora_settings) -> None:
+    """`from pytest_lora import LoraTrain, ...`: the fixtures' values are of the exported types."""
+    import pytest_lora
+
+    assert isinstance(lora_session, pytest_lora.BaseModelPool)
+    assert isinstance(lora_adapters, pytest_lora.AdapterManager)
+    assert isinstance(lora_policy, pytest_lora.Policy) and isinstance(lora_settings, pytest_lora.Settings)
+    from pytest_lora.plugin import fixture_types, sweep
+
+    assert pytest_lora.SweepRun is sweep.SweepRun and pytest_lora.LoraTrain is fixture_types.LoraTrain
+    assert {"LoraModelFactory", "LoraTrain", "LoraBenchmark", "SweepRun"} <= set(pytest_lora.__all__)
+
+
+def test_library_deprecations_from_pytest_loras_calls_are_silenced_the_users_own_warnings_show(
+    pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A user project without the repository's filterwarnings: torch's `script_method` and transformers'
+    `is_gradient_checkpointing` deprecations come from pytest-lora's own calls and are not shown; the user's
+    own DeprecationWarning is. A subprocess: the torch one fires when a process first imports peft."""
+    cache = tmp_path_factory.getbasetemp() / "lora-model-cache"
+    pytester.makeini(f"[pytest]\naddopts = -p no:randomly\nlora_cache_dir = {cache}\n")
+    pytester.makepyfile(
+        """
+        import warnings
+
+        def test_train(lora_train):
+            assert lora_train({"r": 4, "target_modules": ["q_proj"]}, steps=1, batch_size=2, seq_len=16).steps == 1
+
+        def test_own_warning():
+            warnings.warn("the user's own deprecation", DeprecationWarning)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(["*DeprecationWarning: the user's own deprecation*"])
+    output = result.stdout.str()
+    assert "script_method" not in output and "is_gradient_checkpointing" not in output

@@ -358,3 +358,44 @@ def test_marker_bad_value():
 )
 def test_quantization_label(overrides, label):
     assert Settings().with_overrides(overrides, NODE).quantization_label() == label
+
+
+def test_the_former_standalone_options_have_keys_and_the_same_precedence(tmp_path: Path):
+    """--lora-check, --lora-resume-rank, --lora-sweep-dir and --lora-mlflow: CLI > pyproject > ini > default."""
+    pyproject = str(tmp_path / "pyproject.toml")
+    table = {"check": ["adapters/a", "/abs/b"], "resume_rank": 8, "sweep_dir": "reports", "mlflow": "sqlite:///t.db"}
+    settings = resolve({}, table, {"resume_rank": "4", "mlflow": "file:///ini"}, pyproject)
+    assert settings.check == (str(tmp_path / "adapters/a"), "/abs/b")  # relative to the pyproject
+    assert (settings.resume_rank, settings.sweep_dir) == (8, str(tmp_path / "reports"))
+    assert settings.mlflow == "sqlite:///t.db"
+    cli = resolve({"check": ["x", "y,z"], "resume_rank": "16", "sweep_dir": "out"}, table, {}, pyproject)
+    assert (cli.check, cli.resume_rank, cli.sweep_dir) == (("x", "y,z"), 16, "out")  # one path per flag, kept
+    assert resolve({}, {}, {"check": "a, b", "resume_rank": "4"}).check == ("a", "b")
+    defaults = resolve()
+    assert (defaults.check, defaults.resume_rank, defaults.sweep_dir, defaults.mlflow) == ((), None, None, None)
+    with pytest.raises(SettingsError, match=r"^--lora-resume-rank = 0 is out of range; use a value >= 1\.$"):
+        resolve({"resume_rank": "0"})
+    with pytest.raises(SettingsError, match=r"\[tool.pytest_lora\] mlflow = 1 is an integer; expected a string"):
+        resolve({}, {"mlflow": 1})
+
+
+@pytest.mark.parametrize(
+    ("layers", "origin", "described"),
+    [
+        (({"model": "./m"}, {}, {}), "--lora-model", "--lora-model ./m"),
+        (
+            ({}, {"model": "org/m"}, {}),
+            "/proj/pyproject.toml [tool.pytest_lora] model",
+            "[tool.pytest_lora] model = 'org/m'",
+        ),
+        (({}, {}, {"model": "./m"}), "ini option lora_model", "ini option lora_model = ./m"),
+        (({}, {}, {}), "default model", "model none (default)"),
+    ],
+)
+def test_messages_name_where_a_value_came_from(layers, origin, described):
+    settings = resolve(*layers)
+    assert settings.origin("model") == origin
+    assert settings.describe("model").endswith(described)
+    marked = settings.with_overrides({"model": "./x"}, NODE)
+    assert marked.origin("model") == f"@pytest.mark.lora(model=...) on {NODE}"
+    assert marked.describe("model") == f"@pytest.mark.lora(model='./x') on {NODE}"

@@ -276,6 +276,10 @@ class Settings:
     report: str | None = None
     sweep: tuple[int, ...] | None = None
     configs: tuple[str, ...] = ()
+    check: tuple[str, ...] = ()
+    resume_rank: int | None = None
+    sweep_dir: str | None = None
+    mlflow: str | None = None
     sources: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def with_overrides(self, overrides: Mapping[str, object], where: str) -> Settings:
@@ -303,6 +307,36 @@ class Settings:
         sources = {**self.sources, **dict.fromkeys(values, f"marker on {where}")}
         return replace(self, **values, sources=types.MappingProxyType(sources))
 
+    def origin(self, name: str) -> str:
+        """Where setting `name` was set, for messages: `--lora-model`, `@pytest.mark.lora(model=...) on t.py::test`,
+        `/p/pyproject.toml [tool.pytest_lora] model`, `ini option lora_model`, or `default model`."""
+        origin = self.sources.get(name)
+        if origin is None:
+            return f"default {name}"
+        if origin == "command line":
+            return "--lora-" + name.replace("_", "-")
+        if origin == "ini":
+            return f"ini option lora_{name}"
+        if origin.startswith("marker on "):
+            return f"@pytest.mark.lora({name}=...) on {origin.removeprefix('marker on ')}"
+        return f"{origin} {name}"
+
+    def describe(self, name: str, shown: object = None) -> str:
+        """`origin` with the value, as it was written there: `--lora-model ./m`, `@pytest.mark.lora(model='./m') on
+        t.py::test`, `... [tool.pytest_lora] model = "./m"`, `ini option lora_model = ./m`, `model ./m (default)`.
+        `shown` replaces the value (e.g. the model's label when the setting is None)."""
+        value = getattr(self, name) if shown is None else shown
+        origin = self.sources.get(name, "")
+        if origin.startswith("marker on "):
+            return f"@pytest.mark.lora({name}={value!r}) on {origin.removeprefix('marker on ')}"
+        if origin == "command line":
+            return f"{self.origin(name)} {_shown(value)}"
+        if origin == "ini":
+            return f"{self.origin(name)} = {_shown(value)}"
+        if origin:
+            return f"{self.origin(name)} = {show(value)}"
+        return f"{name} {_shown(value)} (default)"
+
     def quantization_label(self) -> str:
         """How the base model is loaded, in words, for the report header and diagnoses."""
         if not self.load_in_4bit:
@@ -324,7 +358,9 @@ class OptionSpec:
 
     `parse(value, key=None)` raises `SettingsError` naming `key` (default: the option name), the bad
     value and what is allowed. `is_flag` options are store_true flags (register them with default None
-    so "not given" stays distinguishable); `marker` options may be overridden per test; `path` says
+    so "not given" stays distinguishable); every `boolean` one also gets `negative_flag`; a `repeat`
+    option is given once per value on the command line (`--lora-check A --lora-check B`);
+    `marker` options may be overridden per test; `path` says
     how a relative value from pyproject.toml resolves: "" not a path, "always" against the pyproject's
     directory, "if_dir" only when that directory exists (model: a hub id or a local directory).
     """
@@ -336,11 +372,18 @@ class OptionSpec:
     is_flag: bool = False
     marker: bool = False
     path: str = ""
+    boolean: bool = False
+    repeat: bool = False
 
     @property
     def flag(self) -> str:
         """The command line flag, e.g. --lora-model."""
         return "--lora-" + self.name.replace("_", "-")
+
+    @property
+    def negative_flag(self) -> str:
+        """The flag that turns a boolean off, e.g. --no-lora-verify-base (a store_false of the same dest)."""
+        return "--no-" + self.flag.removeprefix("--")
 
     @property
     def ini(self) -> str:
@@ -417,6 +460,7 @@ def _option(
     is_flag: bool = False,
     marker: bool = False,
     path: str = "",
+    repeat: bool = False,
 ) -> OptionSpec:
     default = _DEFAULTS[name]
     return OptionSpec(
@@ -427,6 +471,8 @@ def _option(
         is_flag=is_flag,
         marker=marker,
         path=path,
+        boolean=_unwrap_optional(_HINTS[name]) is bool,
+        repeat=repeat,
     )
 
 
@@ -504,6 +550,31 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _option("report", "Write a JSON report of the LoRA checks to this file", path="always"),
     _option("sweep", "Ranks for rank sweeps, comma separated, e.g. 4,8,16", check_ranks, marker=True),
     _option("configs", "Glob patterns of adapter config files to check, comma separated"),
+    _option(
+        "check",
+        "Check an adapter_config.json, an adapter directory or a TOML file of LoraConfig fields against the "
+        "policy, without loading weights; repeat the flag for several (a list in [tool.pytest_lora])",
+        path="always",
+        repeat=True,
+    ),
+    _option(
+        "resume_rank",
+        "Rank a checked adapter is about to be resumed at; a saved adapter of another rank fails",
+        lambda v: range_problem(v, 1),
+        shown_default="resume_rank of the policy, else no check",
+    ),
+    _option(
+        "sweep_dir",
+        "Directory for rank sweep reports (JSON, Markdown, PNG)",
+        shown_default=".lora-sweep in the rootdir",
+        path="always",
+    ),
+    _option(
+        "mlflow",
+        "Log each rank sweep to this MLflow tracking URI, e.g. sqlite:///mlflow.db: one run per rank plus the "
+        "decision (needs pytest-lora[mlflow])",
+        shown_default="off",
+    ),
 )
 
 
@@ -521,6 +592,8 @@ def argparse_type(spec: OptionSpec) -> Callable[[str], object]:
 
 def _resolve_path(spec: OptionSpec, value: object, base: Path) -> object:
     """A relative path from pyproject.toml counts from its directory (as a hub id stays a hub id)."""
+    if spec.path and isinstance(value, tuple):
+        return tuple(_resolve_path(spec, item, base) for item in value)
     if not spec.path or not isinstance(value, str):
         return value
     value = os.path.expanduser(value)

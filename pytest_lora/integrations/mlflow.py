@@ -18,19 +18,42 @@ EXPERIMENT = "pytest-lora rank sweep"
 _PROVENANCE = ("base_model", "dataset", "dataset_fingerprint", "git_commit", "policy")
 
 
-def require_mlflow(uri: str) -> None:
-    """`--lora-mlflow` without MLflow installed is a usage error before any test runs, not lost results."""
+def require_mlflow(where: str) -> None:
+    """`--lora-mlflow` without MLflow installed is a usage error before any test runs, not lost results.
+
+    `where` names the setting and its value as the user wrote it (`--lora-mlflow URI`, a pyproject key, ...).
+    """
     import importlib.util
 
     if importlib.util.find_spec("mlflow") is None:
         raise SettingsError(
-            f"--lora-mlflow {uri}: MLflow is not installed.\n"
+            f"{where}: MLflow is not installed.\n"
             "  fix: pip install 'pytest-lora[mlflow]' (mlflow-skinny, plus SQLAlchemy and Alembic for sqlite:// stores)"
         )
 
 
 def _scalar(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+class MlflowSweepLogger:
+    """`--lora-mlflow URI`: an implementation of the `pytest_lora_sweep_decided` hook (pluggy matches it by name).
+
+    A tracking store that fails must not lose the sweep: the report files are written already, and the
+    note under the sweep in the terminal summary says what happened.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def pytest_lora_sweep_decided(self, decision: Any, report: Any) -> None:
+        try:
+            run_id = log_sweep(self.uri, decision, report.provenance, report.paths)
+        except Exception as exc:  # any store error; the report on disk stays the record
+            failure = f"{type(exc).__name__}: {exc}"
+            report.notes.append(f"MLflow logging to {self.uri} FAILED ({failure}); the report files above are complete")
+        else:
+            report.notes.append(f"MLflow: logged to {self.uri} (decision run {run_id}, one child run per rank)")
 
 
 def log_sweep(uri: str, decision: Any, provenance: Mapping[str, Any], artifacts: Sequence[Path]) -> str:

@@ -24,6 +24,7 @@ from pytest_lora.core.errors import AdapterConfigError, BaseModelModifiedError
 from pytest_lora.core.values import is_int, is_real
 from pytest_lora.model.base_state import BaseState, Change, explain
 from pytest_lora.model.loading import check_task_type
+from pytest_lora.model.quiet import library_warnings_silenced
 
 _BIAS_MODES = ("none", "all", "lora_only")
 # Inits that leave the base untouched and need no data: others (PiSSA, OLoRA, CorDA, LoftQ, EVA, ...)
@@ -421,6 +422,7 @@ class AdapterManager:
     def active(self) -> Any | None:
         return self._active.peft_model if self._active else None
 
+    @library_warnings_silenced()
     def attach(self, config: Any, seed: int | None = None, owner: object = None) -> Any:
         """Validate `config` against the base, detach any previous adapter, attach, return the PeftModel.
 

@@ -19,7 +19,7 @@ from typing import Any
 from pytest_lora.core.errors import AdapterConfigError, ModelLoadError
 from pytest_lora.model.adapters import as_lora_config, matched_modules
 from pytest_lora.model.counting import LoraModuleShape, ParamCount, count_parameters
-from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
+from pytest_lora.model.quiet import library_warnings_silenced, silence_bitsandbytes_kernel_notice
 
 # LoraConfig fields the shape rule accounts for; any other field away from its default is counted by PEFT.
 _SHAPE_RULE_FIELDS = frozenset(
@@ -206,6 +206,7 @@ def rank_setting(config: Any, name: str) -> tuple[str, int]:
     return "r", config.r
 
 
+@library_warnings_silenced()
 def attach_on_meta(model: Any, config: Any) -> Any:
     """`get_peft_model` on a meta-device base: real PEFT layers, no memory for any weight.
 

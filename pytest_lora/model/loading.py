@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_lora.core.errors import AdapterConfigError, ModelLoadError, SettingsError
 from pytest_lora.core.settings import TASKS
-from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
+from pytest_lora.model.quiet import library_warnings_silenced, silence_bitsandbytes_kernel_notice
 from pytest_lora.model.zoo import BUILTIN_PREFIX, DEFAULT_ZOO_NAME, zoo_entry
 from pytest_lora.model.zoo import TINY_LLAMA_CONFIG as TINY_LLAMA_CONFIG  # re-exported: the default's config
 from pytest_lora.model.zoo import builtin_model_dir as builtin_model_dir  # re-exported: the loader's cache
@@ -79,8 +79,12 @@ class LoadedBase:
     task: str = "CAUSAL_LM"  # what the model was loaded for, one of settings.TASKS
 
 
-def resolve_source(spec: str | None) -> ModelSource:
-    """Tell a built-in model from a local directory and a hub id, failing early on a path that does not exist."""
+def resolve_source(spec: str | None, where: str | None = None) -> ModelSource:
+    """Tell a built-in model from a local directory and a hub id, failing early on a path that does not exist.
+
+    `where` names the setting in messages (`Settings.describe("model")`: the flag, marker or pyproject key).
+    """
+    where = where or f"--lora-model {spec}"
     if spec is None:
         return ModelSource("builtin", BUILTIN_MODEL)
     if spec.startswith(BUILTIN_PREFIX):
@@ -90,19 +94,19 @@ def resolve_source(spec: str | None) -> ModelSource:
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(
-                f"--lora-model {spec}: is a file, not a model directory.\n"
+                f"{where}: is a file, not a model directory.\n"
                 "  fix: point it at the directory holding config.json and the *.safetensors weights"
             )
         if not (path / "config.json").is_file():
             raise ModelLoadError(
-                f"--lora-model {spec}: the directory has no config.json, so it is not a transformers model.\n"
+                f"{where}: the directory has no config.json, so it is not a transformers model.\n"
                 "  fix: point it at the directory `save_pretrained` wrote (config.json + *.safetensors)"
             )
         return ModelSource("local", str(path.resolve()))
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
     if looks_like_path or not _HUB_ID.match(spec):
         raise ModelLoadError(
-            f"--lora-model {spec}: no such directory (looked in {Path.cwd()}).\n"
+            f"{where}: no such directory (looked in {Path.cwd()}).\n"
             "  fix: give an existing local model directory, or a hub id such as 'org/name'"
         )
     return ModelSource("hub", spec)
@@ -297,13 +301,14 @@ def unwrapped(model: Any) -> Any:
     return get_base() if callable(get_base) else model
 
 
+@library_warnings_silenced()
 def load_base_model(settings: Settings) -> LoadedBase:
     """Load the base model named by the settings, frozen, guarded against the CPU repack trap."""
-    source = resolve_source(settings.model)
+    source = resolve_source(settings.model, settings.describe("model"))
     device = resolve_device(settings.device)
     if source.kind == "hub" and _offline():
         raise ModelLoadError(
-            f"--lora-model {source.location}: a hub id, but HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, "
+            f"{settings.describe('model')}: a hub id, but HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, "
             "so it cannot be downloaded.\n"
             f"  fix: download it where the network is allowed (`hf download {source.location} "
             "--local-dir ./models/NAME`) and pass --lora-model ./models/NAME"
@@ -324,7 +329,7 @@ def load_base_model(settings: Settings) -> LoadedBase:
         "use_safetensors": None if settings.allow_unsafe_pickle else True,
         "local_files_only": source.kind != "hub",
     }
-    where = f"--lora-model {settings.model or source.label}"
+    where = settings.describe("model", settings.model or source.label)
     start = time.perf_counter()
     try:
         config = transformers.AutoConfig.from_pretrained(
@@ -430,7 +435,7 @@ def _offline() -> bool:
 
 def _explain_load_failure(source: ModelSource, settings: Settings, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    where = f"--lora-model {settings.model or source.label}"
+    where = settings.describe("model", settings.model or source.label)
     lowered = str(exc).lower()
     pickled = source.kind == "local" and any(Path(source.location).glob("*.bin"))
     if not settings.allow_unsafe_pickle and pickled and "safetensors" in lowered:

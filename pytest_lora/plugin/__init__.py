@@ -34,17 +34,35 @@ silence_bitsandbytes_kernel_notice()
 
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 _OWN_DIR = str(Path(__file__).parent)
+_OWN_PACKAGE = "pytest_lora."
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """pytest-lora's extension hooks (`pytest_lora.plugin.hookspec`), for conftest.py files and plugins."""
+    from pytest_lora.plugin import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key."""
+    """One `lora` group; every option is also a `[tool.pytest_lora]` key and an ini key.
+
+    Every option defaults to None ("not given"), so the other layers apply; a boolean is turned off with
+    its `--no-lora-*` flag, as on with its `--lora-*` flag (or `--lora-*=false` for valued ones).
+    """
     group = parser.getgroup("lora", "LoRA rank policy (pytest-lora)")
     for spec in OPTIONS:
         dest = f"lora_{spec.name}"
         if spec.is_flag:
             group.addoption(spec.flag, action="store_true", default=None, dest=dest, help=spec.help)
+        elif spec.repeat:  # one value per flag; the list is parsed (and checked) as a whole in `_resolve`
+            group.addoption(spec.flag, action="append", dest=dest, default=None, metavar="PATH", help=spec.help)
         else:
             group.addoption(spec.flag, dest=dest, default=None, type=argparse_type(spec), help=spec.help)
+        if spec.boolean:
+            group.addoption(
+                spec.negative_flag, action="store_false", default=None, dest=dest, help=f"Turn {spec.flag} off"
+            )
         parser.addini(spec.ini, help=f"{spec.help} [pytest-lora]", default=None)
 
 
@@ -146,11 +164,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that use a LoRA fixture are LoRA tests: mark them so `-m lora` selects them."""
+    """Tests that use one of pytest-lora's fixtures (directly or through another fixture) are LoRA tests:
+    mark them so `-m lora` selects them. A user's own `lora_*` fixture does not count."""
     for item in items:
-        names = getattr(item, "fixturenames", ())
-        if any(name.startswith("lora_") for name in names) and item.get_closest_marker(MARKER) is None:
+        if item.get_closest_marker(MARKER) is None and _uses_own_fixture(item):
             item.add_marker(MARKER)
+
+
+def _uses_own_fixture(item: pytest.Item) -> bool:
+    """Whether a fixture the item requests resolves to one pytest-lora registered (by its defining module)."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest.Function's resolved fixtures; other items have none
+    if info is None:
+        return False
+    return any(
+        getattr(fixturedef.func, "__module__", "").startswith(_OWN_PACKAGE)
+        for fixturedefs in info.name2fixturedefs.values()
+        for fixturedef in fixturedefs
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -216,7 +246,7 @@ class LoraReporter:
         self.runs: list[RunRecord] = []  # lora_benchmark records, from every xdist worker too
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.xfails += [(report.nodeid, value) for key, value in report.user_properties if key == _XFAIL_KEY]
+        self.xfails += [(report.nodeid, str(value)) for key, value in report.user_properties if key == _XFAIL_KEY]
         if report.when == "call":
             from pytest_lora.core.report import records_from_properties
 

@@ -11,7 +11,6 @@ without following directory symlinks in `**`); `--lora-check` paths always apply
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from pathlib import Path
@@ -27,39 +26,6 @@ from pytest_lora.plugin.state import MARKER, STATE
 
 CHECK_OPTION = "--lora-check"
 RESUME_OPTION = "--lora-resume-rank"
-
-
-def _rank(text: str) -> int:
-    try:
-        rank = int(text)
-    except ValueError:
-        rank = 0
-    if rank < 1:
-        raise argparse.ArgumentTypeError(f"{RESUME_OPTION} = {text!r} is not a rank; use an integer >= 1, e.g. 8")
-    return rank
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """`--lora-check PATH` (repeatable) and `--lora-resume-rank N`, in the `lora` group."""
-    group = parser.getgroup("lora", "LoRA rank policy (pytest-lora)")
-    group.addoption(
-        CHECK_OPTION,
-        action="append",
-        default=[],
-        dest="lora_check",
-        metavar="PATH",
-        help="Check an adapter_config.json, an adapter directory or a TOML file of LoraConfig fields against the "
-        f"policy, without loading weights; repeat for several (default: none; see also configs in [{PYPROJECT_TABLE}])",
-    )
-    group.addoption(
-        RESUME_OPTION,
-        type=_rank,
-        default=None,
-        dest="lora_resume_rank",
-        metavar="N",
-        help="Rank a checked adapter is about to be resumed at; a saved adapter of another rank fails "
-        "(default: resume_rank of the policy, else no check)",
-    )
 
 
 class LoraConfigItem(pytest.Item):
@@ -79,7 +45,7 @@ class LoraConfigItem(pytest.Item):
             raise AdapterConfigError(self.problem)
         session = self.config.stash[STATE].session
         base, label = check_base(session.policy, session.settings)
-        resume, source = self.config.getoption("lora_resume_rank"), RESUME_OPTION
+        resume, source = session.settings.resume_rank, session.settings.origin("resume_rank")
         if resume is None and session.policy.resume_rank is not None:
             resume, source = session.policy.resume_rank, f"resume_rank of {session.policy.source}"
         result = check_adapter(
@@ -117,7 +83,7 @@ def check_base(policy: Policy, settings: Settings) -> tuple[Any, str]:
     from pytest_lora.model.loading import resolve_source
     from pytest_lora.model.zoo import zoo_entry
 
-    source = resolve_source(settings.model)
+    source = resolve_source(settings.model, settings.describe("model"))
     if source.kind == "builtin":
         return zoo_entry(source.location)[1].config, source.label
     return source.location, source.label
@@ -150,8 +116,9 @@ def _targets(config: pytest.Config) -> dict[str, Target]:
                 add(match, str(match), origin)
             if problem:
                 add(None, pattern, origin, problem)
-    for text in config.getoption("lora_check"):
-        add(config.invocation_params.dir / text, text, CHECK_OPTION)
+    settings = state.session.settings
+    for text in settings.check:  # relative: to the pyproject (resolved in the settings) or the invocation dir
+        add(config.invocation_params.dir / text, text, settings.origin("check"))
     return found
 
 

@@ -11,7 +11,7 @@ pytest-benchmark is active.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,12 +20,14 @@ from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SE
 from pytest_lora.core.errors import LoraError, TrainingError
 from pytest_lora.core.recipe import MemoryRecipe
 from pytest_lora.core.settings import Settings
-from pytest_lora.core.values import is_int
+from pytest_lora.core.values import is_int, is_real
 
 if TYPE_CHECKING:  # the shapes, FLOPs and report formats load with the first benchmark, not with the plugin
+    from pytest_lora.core.flops import PeakFlops
     from pytest_lora.core.report import RunRecord
     from pytest_lora.core.shapes import ModelShape
     from pytest_lora.model.base_pool import BaseModelPool
+    from pytest_lora.plugin.fixture_types import LoraBenchmark
 
 DEFAULT_STEPS_PER_ROUND = 4
 DEFAULT_ROUNDS = 5
@@ -47,6 +49,31 @@ def config_label(model: Any, shape: ModelShape) -> str:
     return label
 
 
+def device_peak(
+    config: pytest.Config, device_name: str | None, device: str, override_tflops: float | None
+) -> PeakFlops:
+    """The device's peak: `--lora-peak-tflops`, else the `pytest_lora_device_peak_flops` hook, else the built-in table.
+
+    The hook gets the GPU's name, or the device ("cpu") where there is none: the built-in table knows no
+    CPU, a team's hook may.
+    """
+    import math
+
+    from pytest_lora.core.flops import PeakFlops, peak_flops
+
+    if override_tflops is None:
+        name = device_name or device
+        flops = config.hook.pytest_lora_device_peak_flops(device_name=name)
+        if flops is not None:
+            if not is_real(flops) or not (math.isfinite(flops) and flops > 0):
+                raise LoraError(
+                    f"pytest_lora_device_peak_flops(device_name={name!r}) returned {flops!r}.\n"
+                    "  fix: return the peak in FLOP/s as a number > 0 (e.g. 989.4e12), or None for the built-in table"
+                )
+            return PeakFlops(float(flops), f"pytest_lora_device_peak_flops: {flops / 1e12:g} TFLOP/s for {name}")
+    return peak_flops(device_name, override_tflops)
+
+
 def _check_args(**values: int) -> None:
     minimum = {"warmup_rounds": 0}
     problems = [
@@ -61,7 +88,7 @@ def _check_args(**values: int) -> None:
 @pytest.fixture
 def lora_benchmark(
     benchmark: Any, request: pytest.FixtureRequest, lora_session: BaseModelPool, lora_settings: Settings
-) -> Iterator[Callable[..., RunRecord]]:
+) -> Iterator[LoraBenchmark]:
     """`lora_benchmark(config, *, batch_size=8, seq_len=64, steps_per_round=4, rounds=5, warmup_rounds=1,
     lr=1e-2, dataset=None) -> RunRecord`: time real LoRA training steps of `config` on the session base.
 
@@ -73,7 +100,7 @@ def lora_benchmark(
     mean timed round (pytest-benchmark's `ops` times the tokens of a round). A CUDA out-of-memory error
     fails the test with the measured and estimated memory and the fix, and frees the memory.
     """
-    from pytest_lora.core.flops import mfu, peak_flops, step_flops
+    from pytest_lora.core.flops import mfu, step_flops
     from pytest_lora.core.memory import memory_breakdown
     from pytest_lora.core.report import RUN_PROPERTY, RunRecord
     from pytest_lora.model import training
@@ -135,7 +162,7 @@ def lora_benchmark(
         tokens_per_second = steps_per_round * batch_size * seq_len / round_seconds
         flops = step_flops(shape, seq_len, batch_size=batch_size)
         device_name = training.device_name(device)
-        peak = peak_flops(device_name, lora_settings.peak_tflops)
+        peak = device_peak(request.config, device_name, device, lora_settings.peak_tflops)
         count = count_parameters(model)
         config = model.peft_config["default"]
         record = RunRecord(

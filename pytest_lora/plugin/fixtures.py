@@ -7,7 +7,7 @@ attached at teardown, whether the test passed or failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -18,7 +18,9 @@ from pytest_lora.plugin.state import STATE, node_settings
 if TYPE_CHECKING:
     from pytest_lora.core.policy import Policy
     from pytest_lora.core.settings import Settings
+    from pytest_lora.model.adapters import AdapterManager
     from pytest_lora.model.base_pool import BaseModelPool
+    from pytest_lora.plugin.fixture_types import LoraModelFactory, LoraTrain
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,7 @@ def lora_base_model(lora_session: BaseModelPool) -> Any:
 
 
 @pytest.fixture(scope="session")
-def lora_adapters(lora_session: BaseModelPool) -> Any:
+def lora_adapters(lora_session: BaseModelPool) -> AdapterManager:
     """Session-scoped adapter manager of the default base, for `@given` tests.
 
     `with lora_adapters.attached(config) as model:` attaches and always detaches, so each
@@ -60,7 +62,7 @@ def lora_settings(request: pytest.FixtureRequest, lora_session: BaseModelPool) -
 
 
 @pytest.fixture
-def lora_model(lora_session: BaseModelPool, lora_settings: Settings) -> Iterator[Callable[[Any], Any]]:
+def lora_model(lora_session: BaseModelPool, lora_settings: Settings) -> Iterator[LoraModelFactory]:
     """`lora_model(config) -> PeftModel`: attach a LoRA config to the shared base.
 
     One adapter at a time: attaching another detaches the previous one. At teardown the adapter
@@ -78,7 +80,7 @@ def lora_model(lora_session: BaseModelPool, lora_settings: Settings) -> Iterator
 
 
 @pytest.fixture
-def lora_train(lora_settings: Settings, lora_model: Callable[[Any], Any]) -> Callable[..., Any]:
+def lora_train(lora_settings: Settings, lora_model: LoraModelFactory) -> LoraTrain:
     """`lora_train(config_or_peft_model, steps=40, lr=1e-2, batch_size=8, seq_len=64, seed=None,
     dataset=None, eval_every=None, weight_decay=0.0, gradient_checkpointing=None) -> TrainResult`: a short
     real training run.

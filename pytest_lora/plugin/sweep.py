@@ -28,13 +28,14 @@ from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SE
 from pytest_lora.core.errors import AdapterConfigError, PolicyError, SettingsError
 from pytest_lora.core.policy import SweepRule
 from pytest_lora.core.settings import Settings
-from pytest_lora.integrations.mlflow import log_sweep, require_mlflow
+from pytest_lora.integrations.mlflow import MlflowSweepLogger, require_mlflow
 from pytest_lora.plugin.state import STATE, node_settings
 from pytest_lora.plugin.xdist import is_worker
 
 if TYPE_CHECKING:
     from pytest_lora.core.sweep import SweepDecision
     from pytest_lora.model.base_pool import BaseModelPool
+    from pytest_lora.plugin.fixture_types import LoraTrain
 
 SWEEP_DIR_OPTION = "--lora-sweep-dir"
 SWEEP_PROPERTY = "lora_sweep"  # user_properties key of a rank's result
@@ -45,36 +46,22 @@ _WARMUP_STEPS = 1
 _warm_bases: weakref.WeakSet[Any] = weakref.WeakSet()  # base models this process has trained on once
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    """`--lora-sweep-dir DIR`: where the sweep reports go."""
-    parser.getgroup("lora", "LoRA rank policy (pytest-lora)").addoption(
-        SWEEP_DIR_OPTION,
-        dest="lora_sweep_dir",
-        default=None,
-        metavar="DIR",
-        help=f"Directory for rank sweep reports (JSON, Markdown, PNG) (default: {DEFAULT_SWEEP_DIR} in the rootdir)",
-    )
-    parser.getgroup("lora").addoption(
-        "--lora-mlflow",
-        dest="lora_mlflow",
-        default=None,
-        metavar="URI",
-        help="Log each rank sweep to this MLflow tracking URI, e.g. sqlite:///mlflow.db: one run per rank "
-        "plus the decision (needs pytest-lora[mlflow]) (default: off)",
-    )
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     """The controller (or a serial run) gathers the per-rank results; xdist workers only send them."""
-    uri = config.getoption("lora_mlflow")
-    if uri:
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return
+    settings = state.session.settings
+    if settings.mlflow:
         try:
-            require_mlflow(uri)
+            require_mlflow(settings.describe("mlflow"))
         except SettingsError as exc:
             raise pytest.UsageError(f"pytest-lora: {exc}") from None
-    if not is_worker(config) and STATE in config.stash:
+    if not is_worker(config):
         config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
+        if settings.mlflow:  # the first user of the `pytest_lora_sweep_decided` hook
+            config.pluginmanager.register(MlflowSweepLogger(settings.mlflow), "lora-mlflow")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -98,7 +85,7 @@ def lora_sweep(
     lora_sweep_rank: int,
     lora_session: BaseModelPool,
     lora_settings: Settings,
-    lora_train: Callable[..., Any],
+    lora_train: LoraTrain,
 ) -> SweepRun:
     """`lora_sweep.run(config)`: this item's short training run at `lora_sweep.rank`, recorded for the choice.
 
@@ -327,6 +314,19 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+@dataclasses.dataclass
+class SweepReport:
+    """What `pytest_lora_sweep_decided` implementations get besides the decision: the sweep and its files.
+
+    `notes` are shown under the sweep in the terminal summary; an implementation appends its own.
+    """
+
+    group: str
+    provenance: dict[str, Any]
+    paths: list[Path]
+    notes: list[str]
+
+
 class SweepRecorder:
     """Controller side: gathers each rank's result from the reports, decides at the end, writes the report."""
 
@@ -340,7 +340,7 @@ class SweepRecorder:
         """Results arrive here from this process or, under xdist, from the workers."""
         if report.when != "call":
             return
-        properties = dict(report.user_properties)
+        properties: dict[str, Any] = dict(report.user_properties)
         item = properties.get(ITEM_PROPERTY)
         if item is None:
             return
@@ -358,7 +358,7 @@ class SweepRecorder:
         from pytest_lora.core import sweep
 
         state = self.config.stash[STATE]
-        directory = Path(self.config.getoption("lora_sweep_dir") or self.config.rootpath / DEFAULT_SWEEP_DIR)
+        directory = Path(state.session.settings.sweep_dir or self.config.rootpath / DEFAULT_SWEEP_DIR)
         commit = sweep.git_commit(self.config.rootpath)
         versions = sweep.package_versions()
         for group in sorted({*self.points, *self.missing}):
@@ -384,19 +384,9 @@ class SweepRecorder:
             if calibration is not None:
                 provenance["calibration"] = {"planted_rank": first["planted_rank"], "passed": calibration[0]}
             paths, notes = write_report(decision, provenance, directory, _file_name(group))
-            uri = self.config.getoption("lora_mlflow")
-            if uri:
-                notes.append(self._log_to_mlflow(uri, decision, provenance, paths))
-            self.outcomes.append((group, decision, paths, notes))
-
-    @staticmethod
-    def _log_to_mlflow(uri: str, decision: Any, provenance: dict[str, Any], paths: list[Path]) -> str:
-        """A tracking store that fails must not lose the sweep: the files are written, the note says why."""
-        try:
-            run_id = log_sweep(uri, decision, provenance, paths)
-        except Exception as exc:  # any store error; the report on disk stays the record
-            return f"MLflow logging to {uri} FAILED ({type(exc).__name__}: {exc}); the report files above are complete"
-        return f"MLflow: logged to {uri} (decision run {run_id}, one child run per rank)"
+            report = SweepReport(group, provenance, paths, notes)
+            self.config.hook.pytest_lora_sweep_decided(config=self.config, decision=decision, report=report)
+            self.outcomes.append((group, decision, report.paths, report.notes))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Name the chosen rank of each sweep, with its table and where the report is."""
