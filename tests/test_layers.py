@@ -145,3 +145,17 @@ def test_no_import_cycle_among_the_modules() -> None:
         if module not in state:
             walk(module, [module])
     assert not cycles
+
+
+def test_xdist_is_read_in_the_plugin_and_handed_to_the_model_side() -> None:
+    """The model side never reads xdist's environment; the plugin reads `workerinput` and passes a Worker."""
+    from types import SimpleNamespace
+
+    from pytest_lora.core.settings import Worker
+    from pytest_lora.plugin.xdist import worker
+
+    loading = (PACKAGE / "model" / "loading.py").read_text()
+    assert "PYTEST_XDIST" not in loading and "workerinput" not in loading
+    assert worker(SimpleNamespace()) is None  # type: ignore[arg-type]
+    config = SimpleNamespace(workerinput={"workerid": "gw3", "workercount": 4})
+    assert worker(config) == Worker(3, 4)  # type: ignore[arg-type]

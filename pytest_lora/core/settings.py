@@ -249,6 +249,17 @@ def read_pyproject(path: str | os.PathLike[str], error: type[LoraError] = Settin
 
 
 @dataclass(frozen=True)
+class Worker:
+    """A pytest-xdist worker, as the plugin reads it from xdist: its index (gw3 -> 3) and how many there are.
+
+    The model side takes it as an argument (GPU index mod count, CPU threads shared); None is a serial run.
+    """
+
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
 class Settings:
     """The resolved pytest-lora settings of a session, or of one test after marker overrides.
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_lora.core.errors import LoraError
 from pytest_lora.core.policy import Policy
-from pytest_lora.core.settings import Settings
+from pytest_lora.core.settings import Settings, Worker
 
 if TYPE_CHECKING:  # the model side loads with the first base, not with the plugin
     from pytest_lora.model.adapters import AdapterManager
@@ -49,6 +49,7 @@ class BaseModelPool:
     loads: Counter[tuple[Any, ...]] = field(default_factory=Counter)
     digests: dict[tuple[Any, ...], str] = field(default_factory=dict)
     failures: dict[tuple[Any, ...], LoraError] = field(default_factory=dict)
+    worker: Worker | None = None  # under pytest-xdist: which GPU and how many CPU threads this process takes
 
     def base(self, settings: Settings | None = None) -> LoadedBase:
         """The base model for these settings, loaded on first use only."""
@@ -61,7 +62,7 @@ class BaseModelPool:
             raise self.failures[key]
         if key not in self.bases:
             try:
-                loaded = load_base_model(settings)
+                loaded = load_base_model(settings, self.worker)
             except LoraError as exc:  # every later test gets the same message, without a second attempt
                 self.failures[key] = exc
                 raise
@@ -70,7 +71,7 @@ class BaseModelPool:
             self.managers[key] = AdapterManager(
                 loaded.model,
                 seed=settings.seed,
-                reload=lambda: load_base_model(settings).model,
+                reload=lambda: load_base_model(settings, self.worker).model,
                 verify_weights=self.settings.verify_base,
             )
             if self.settings.verify_base:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_lora.core.errors import AdapterConfigError, ModelLoadError, SettingsError
-from pytest_lora.core.settings import TASKS
+from pytest_lora.core.settings import TASKS, Worker
 from pytest_lora.model.quiet import library_warnings_silenced, silence_bitsandbytes_kernel_notice
 from pytest_lora.model.zoo import BUILTIN_PREFIX, DEFAULT_ZOO_NAME, zoo_entry
 from pytest_lora.model.zoo import TINY_LLAMA_CONFIG as TINY_LLAMA_CONFIG  # re-exported: the default's config
@@ -112,15 +112,15 @@ def resolve_source(spec: str | None, where: str | None = None) -> ModelSource:
     return ModelSource("hub", spec)
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, worker: Worker | None = None) -> str:
     """`auto` is CUDA when available, else CPU; under xdist, worker i takes GPU i mod count."""
     import torch
 
+    index = worker.index if worker else 0
     if device == "auto":
         if not torch.cuda.is_available():
             return "cpu"
-        index = _xdist_worker_index() % torch.cuda.device_count()
-        return f"cuda:{index}"
+        return f"cuda:{index % torch.cuda.device_count()}"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SettingsError(
@@ -128,9 +128,8 @@ def resolve_device(device: str) -> str:
                 "  fix: use --lora-device auto or cpu, or run on a GPU runner with a CUDA build of torch"
             )
         if device == "cuda":
-            return f"cuda:{_xdist_worker_index() % torch.cuda.device_count()}"
-        index = int(device.split(":", 1)[1])
-        if index >= torch.cuda.device_count():
+            return f"cuda:{index % torch.cuda.device_count()}"
+        if int(device.split(":", 1)[1]) >= torch.cuda.device_count():
             raise SettingsError(
                 f"--lora-device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.\n"
                 f"  fix: use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or auto"
@@ -149,25 +148,18 @@ def device_map_for(device_setting: str, resolved: str, cuda_count: int, under_xd
     return {"": resolved}
 
 
-def share_cpu_between_workers() -> None:
+def share_cpu_between_workers(worker: Worker | None) -> None:
     """Under xdist, give each worker its share of the cores instead of all of them each.
 
     N workers with torch's default thread count each oversubscribe the CPU, and torch's OpenMP
     threads then spin against each other (steps get many times slower). `OMP_NUM_THREADS`, when
     set, is the user's choice and is left alone.
     """
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
-    if not workers.isdigit() or "OMP_NUM_THREADS" in os.environ:
+    if worker is None or "OMP_NUM_THREADS" in os.environ:
         return
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
-
-
-def _xdist_worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    digits = worker.lstrip("gw")
-    return int(digits) if digits.isdigit() else 0
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.count))
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -302,10 +294,13 @@ def unwrapped(model: Any) -> Any:
 
 
 @library_warnings_silenced()
-def load_base_model(settings: Settings) -> LoadedBase:
-    """Load the base model named by the settings, frozen, guarded against the CPU repack trap."""
+def load_base_model(settings: Settings, worker: Worker | None = None) -> LoadedBase:
+    """Load the base model named by the settings, frozen, guarded against the CPU repack trap.
+
+    `worker`: under pytest-xdist, the worker this process is (its GPU and its share of the CPU threads).
+    """
     source = resolve_source(settings.model, settings.describe("model"))
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, worker)
     if source.kind == "hub" and _offline():
         raise ModelLoadError(
             f"{settings.describe('model')}: a hub id, but HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, "
@@ -320,9 +315,9 @@ def load_base_model(settings: Settings) -> LoadedBase:
     import torch
     import transformers
 
-    share_cpu_between_workers()
+    share_cpu_between_workers(worker)
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device_map = device_map_for(settings.device, device, cuda_count, "PYTEST_XDIST_WORKER" in os.environ)
+    device_map = device_map_for(settings.device, device, cuda_count, worker is not None)
     kwargs: dict[str, Any] = {
         "device_map": device_map,
         "trust_remote_code": settings.trust_remote_code,

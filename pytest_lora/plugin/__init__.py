@@ -20,7 +20,7 @@ from pytest_lora.core.settings import OPTIONS, argparse_type, read_pyproject, re
 from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
 from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
-from pytest_lora.plugin.xdist import is_worker
+from pytest_lora.plugin.xdist import is_worker, worker
 
 if TYPE_CHECKING:  # the report formats load with the first test report, not with the plugin
     from pytest_lora.core.report import RunRecord
@@ -92,7 +92,8 @@ def _resolve(config: pytest.Config) -> LoraState:
         policy = policy_from_table(table, settings.policy)
     elif settings.policy:
         policy = load_policy(settings.policy)
-    return LoraState(BaseModelPool(settings, policy or Policy()), str(pyproject) if pyproject else None)
+    pool = BaseModelPool(settings, policy or Policy(), worker=worker(config))
+    return LoraState(pool, str(pyproject) if pyproject else None)
 
 
 def _same_file(path: str, pyproject: Path) -> bool:
