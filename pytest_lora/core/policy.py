@@ -51,6 +51,22 @@ def _check(owner: object, bounds: Mapping[str, tuple[float, float | None, bool, 
             raise ValueError(f"{name} = {show(value)} {problem}")
 
 
+PLANTED_PREFIX = "builtin:planted-rank-"
+
+
+def planted_rank_of(name: str) -> int | None:
+    """The K of `builtin:planted-rank-K` (ASCII digits, K >= 1); None for any other name; ValueError for a bad K.
+
+    One parser for the policy's check at load and the data's generation (`model.planted`).
+    """
+    if not name.startswith(PLANTED_PREFIX):
+        return None
+    text = name.removeprefix(PLANTED_PREFIX)
+    if not re.fullmatch("[0-9]+", text) or int(text) < 1:
+        raise ValueError(f"{name!r}: the planted rank must be an int >= 1")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class SweepRule:
     """How `lora_sweep` picks a rank: train each rank briefly, prefer the smallest that is good enough.
@@ -88,12 +104,16 @@ class SweepRule:
         _check(self, {"steps": (1, None, False, False)})
         if not self.metric:
             raise ValueError('metric = "" is empty; name a metric, e.g. "val_loss"')
-        builtin = isinstance(self.dataset, str) and self.dataset.startswith("builtin:")
-        if builtin and not re.fullmatch("builtin:planted-rank-[1-9][0-9]*", str(self.dataset)):
-            raise ValueError(
-                f"dataset = {show(self.dataset)} is no built-in dataset; use 'builtin:planted-rank-K' "
-                "(K >= 1, e.g. 'builtin:planted-rank-8'), or a data file"
-            )
+        if isinstance(self.dataset, str) and self.dataset.startswith("builtin:"):
+            try:
+                known = planted_rank_of(self.dataset) is not None
+            except ValueError:
+                known = False
+            if not known:
+                raise ValueError(
+                    f"dataset = {show(self.dataset)} is no built-in dataset; use '{PLANTED_PREFIX}K' "
+                    f"(K >= 1, e.g. '{PLANTED_PREFIX}8'), or a data file"
+                )
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,15 @@ torch is imported inside the functions.
 
 from __future__ import annotations
 
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from pytest_lora.core.errors import AdapterConfigError, TrainingError
+from pytest_lora.core.policy import PLANTED_PREFIX, planted_rank_of
 from pytest_lora.core.values import is_int
 from pytest_lora.model.training import TokenData
 
-PLANTED_PREFIX = "builtin:planted-rank-"
 DEFAULT_PLANTED_RANK = 8
 DEFAULT_DATASET = f"{PLANTED_PREFIX}{DEFAULT_PLANTED_RANK}"
 # Sized for a sweep (each rank trains on all of it: the policy's data_fraction does not apply), in tokens so
@@ -36,7 +35,6 @@ TRAIN_TOKENS = 16_384
 VAL_TOKENS = 2_048
 ALPHABET = 64  # the update moves these tokens only: the task stays as sharp on a 32k vocabulary as on 256
 STRENGTH = 10.0  # singular value of each planted direction, in units of the head input's RMS along it
-_NAME = re.compile(rf"^{re.escape(PLANTED_PREFIX)}(.*)$")
 _cache: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], PlantedData]] = weakref.WeakKeyDictionary()
 
 
@@ -62,15 +60,12 @@ def planted_rank(dataset: Any) -> int | None:
     """The k of `builtin:planted-rank-K`, None for anything else; a malformed K is a TrainingError."""
     if not isinstance(dataset, str):
         return None
-    match = _NAME.match(dataset)
-    if match is None:
-        return None
-    text = match.group(1)
-    if not re.fullmatch("[0-9]+", text) or int(text) < 1:
+    try:
+        return planted_rank_of(dataset)
+    except ValueError:
         raise TrainingError(
             f"dataset = {dataset!r}: the planted rank must be an int >= 1.\n  fix: e.g. {DEFAULT_DATASET!r}"
-        )
-    return int(text)
+        ) from None
 
 
 def planted_data(
