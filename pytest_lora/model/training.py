@@ -405,30 +405,6 @@ def train(
     it was. Validation loss is measured every `eval_every` steps (default: 8 times per run) and
     after the last step. `gradient_checkpointing` runs under `qlora_recipe`.
     """
-    with qlora_recipe(model) if gradient_checkpointing else nullcontext():
-        return _train(
-            model,
-            data,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            eval_every=eval_every,
-            weight_decay=weight_decay,
-        )
-
-
-def _train(
-    model: Any,
-    data: TokenData,
-    *,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    eval_every: int | None,
-    weight_decay: float,
-) -> TrainResult:
     import torch
 
     check_run_args(
@@ -440,92 +416,93 @@ def _train(
         weight_decay=weight_decay,
         eval_every=eval_every,
     )
-    device = device_of(model)
-    guard_cpu_repack(model)
-    trainable = _lora_params(model)
-    if not trainable:
-        raise TrainingError(
-            "the model has no trainable parameters, so there is nothing to train.\n"
-            "  fix: pass a PeftModel (lora_model(config)) or a LoraConfig to lora_train"
+    with qlora_recipe(model) if gradient_checkpointing else nullcontext():
+        device = device_of(model)
+        guard_cpu_repack(model)
+        trainable = _lora_params(model)
+        if not trainable:
+            raise TrainingError(
+                "the model has no trainable parameters, so there is nothing to train.\n"
+                "  fix: pass a PeftModel (lora_model(config)) or a LoraConfig to lora_train"
+            )
+        base_state = _frozen_state(model)
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        eval_every = eval_every or max(1, steps // 8)
+        inputs = objective(model)
+        optimizer = adamw(list(trainable.values()), lr=lr, weight_decay=weight_decay)
+        losses: list[float] = []
+
+        def checks(step: int) -> Callable[[Any], None]:
+            """Before the update: a non-finite loss stops the run, and the first steps' gradients must flow."""
+
+            def check(loss: Any) -> None:
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss is {value} at step {step} of {steps} (lr={lr}); the last finite losses were "
+                        f"{[round(v, 4) for v in losses[-3:]]}.\n"
+                        "  causes: learning rate too high, lora_alpha far larger than 2*r, or fp16 overflow.\n"
+                        "  fix: lower lr (e.g. / 10), keep lora_alpha = 2*r, use bfloat16 compute"
+                    )
+                if step <= 2:
+                    _check_gradients(trainable, step)
+
+            return check
+
+        val_losses: list[float] = []
+        val_steps: list[int] = []
+        train_seconds = 0.0
+        with torch.random.fork_rng(devices=[]), measure_peak(device) as peak, warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*silently incorrect.*")
+            torch.manual_seed(seed)
+            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
+            model.train()
+            for step in range(1, steps + 1):
+                rows = order[torch.arange((step - 1) * batch_size, step * batch_size) % len(order)]
+                batch = data.train[rows].to(device)
+                labels = None if data.train_labels is None else data.train_labels[rows].to(device)
+                sync(device)
+                started = time.perf_counter()
+                try:
+                    loss = training_step(model, optimizer, inputs(batch, labels), step, before_update=checks(step))
+                except UserWarning as exc:
+                    raise TrainingError(
+                        f"step {step}: PyTorch warned of silently incorrect gradients ({exc}); "
+                        "the adapters would not learn.\n  fix: see the 4-bit CPU repack note in the README"
+                    ) from None
+                value = loss.item()
+                sync(device)
+                train_seconds += time.perf_counter() - started
+                losses.append(value)
+                if step % eval_every == 0 or step == steps:
+                    val_losses.append(_mean_loss(model, data.val, batch_size, device, data.val_labels))
+                    val_steps.append(step)
+            model.eval()
+        changed = [n for n, p in trainable.items() if not torch.equal(p.detach(), before[n])]
+        tokens = steps * batch_size * data.train.shape[1]
+        return TrainResult(
+            losses=losses,
+            val_losses=val_losses,
+            val_steps=val_steps,
+            tokens_per_second=tokens / train_seconds if train_seconds else math.inf,
+            samples_per_second=steps * batch_size / train_seconds if train_seconds else math.inf,
+            step_time_s=train_seconds / steps,
+            peak_memory_bytes=peak.bytes,
+            peak_memory_scope=peak.scope,
+            model=model,
+            changed_lora=changed,
+            unchanged_lora=[n for n in trainable if n not in changed],
+            base_unchanged=_frozen_state(model) == base_state,
+            steps=steps,
+            seed=seed,
+            lr=lr,
+            batch_size=batch_size,
+            seq_len=int(data.train.shape[1]),
+            device=device,
+            data_name=data.name,
+            data_fingerprint=data.fingerprint,
+            config=getattr(model, "peft_config", {}).get("default"),
         )
-    base_state = _frozen_state(model)
-    before = {n: p.detach().clone() for n, p in trainable.items()}
-    eval_every = eval_every or max(1, steps // 8)
-    inputs = objective(model)
-    optimizer = adamw(list(trainable.values()), lr=lr, weight_decay=weight_decay)
-    losses: list[float] = []
-
-    def checks(step: int) -> Callable[[Any], None]:
-        """Before the update: a non-finite loss stops the run, and the first steps' gradients must flow."""
-
-        def check(loss: Any) -> None:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss is {value} at step {step} of {steps} (lr={lr}); the last finite losses were "
-                    f"{[round(v, 4) for v in losses[-3:]]}.\n"
-                    "  causes: learning rate too high, lora_alpha far larger than 2*r, or fp16 overflow.\n"
-                    "  fix: lower lr (e.g. / 10), keep lora_alpha = 2*r, use bfloat16 compute"
-                )
-            if step <= 2:
-                _check_gradients(trainable, step)
-
-        return check
-
-    val_losses: list[float] = []
-    val_steps: list[int] = []
-    train_seconds = 0.0
-    with torch.random.fork_rng(devices=[]), measure_peak(device) as peak, warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*silently incorrect.*")
-        torch.manual_seed(seed)
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-        model.train()
-        for step in range(1, steps + 1):
-            rows = order[torch.arange((step - 1) * batch_size, step * batch_size) % len(order)]
-            batch = data.train[rows].to(device)
-            labels = None if data.train_labels is None else data.train_labels[rows].to(device)
-            sync(device)
-            started = time.perf_counter()
-            try:
-                loss = training_step(model, optimizer, inputs(batch, labels), step, before_update=checks(step))
-            except UserWarning as exc:
-                raise TrainingError(
-                    f"step {step}: PyTorch warned of silently incorrect gradients ({exc}); "
-                    "the adapters would not learn.\n  fix: see the 4-bit CPU repack note in the README"
-                ) from None
-            value = loss.item()
-            sync(device)
-            train_seconds += time.perf_counter() - started
-            losses.append(value)
-            if step % eval_every == 0 or step == steps:
-                val_losses.append(_mean_loss(model, data.val, batch_size, device, data.val_labels))
-                val_steps.append(step)
-        model.eval()
-    changed = [n for n, p in trainable.items() if not torch.equal(p.detach(), before[n])]
-    tokens = steps * batch_size * data.train.shape[1]
-    return TrainResult(
-        losses=losses,
-        val_losses=val_losses,
-        val_steps=val_steps,
-        tokens_per_second=tokens / train_seconds if train_seconds else math.inf,
-        samples_per_second=steps * batch_size / train_seconds if train_seconds else math.inf,
-        step_time_s=train_seconds / steps,
-        peak_memory_bytes=peak.bytes,
-        peak_memory_scope=peak.scope,
-        model=model,
-        changed_lora=changed,
-        unchanged_lora=[n for n in trainable if n not in changed],
-        base_unchanged=_frozen_state(model) == base_state,
-        steps=steps,
-        seed=seed,
-        lr=lr,
-        batch_size=batch_size,
-        seq_len=int(data.train.shape[1]),
-        device=device,
-        data_name=data.name,
-        data_fingerprint=data.fingerprint,
-        config=getattr(model, "peft_config", {}).get("default"),
-    )
 
 
 def check_run_args(
