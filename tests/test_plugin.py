@@ -31,6 +31,53 @@ def test_importing_the_plugin_imports_no_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_collect_only_without_lora_tests_loads_no_policy_or_model_code(pytester: pytest.Pytester) -> None:
+    """What keeps `--collect-only` in a project without LoRA tests as fast as with `-p no:lora` (the timing is
+    tests/perf's `test_collect_only_cost_of_the_plugin`): the policy, curves and model code stay unloaded."""
+    pytester.makeconftest(
+        """
+        import sys
+
+        def pytest_collection_finish(session):
+            print("loaded:", sorted(m for m in sys.modules if m.startswith("pytest_lora.")))
+        """
+    )
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    result = pytester.runpytest_subprocess("--collect-only", "-q", "-p", "no:randomly")
+    result.assert_outcomes()
+    line = next(line for line in result.outlines if line.startswith("loaded:"))
+    assert "pytest_lora.plugin" in line  # the probe sees the plugin's modules at all
+    for module in ("core.policy", "core.curves", "core.recipe", "core.globs", "model.training", "model.loading"):
+        assert f"'pytest_lora.{module}'" not in line, module
+
+
+def test_the_sessions_policy_is_active_while_its_tests_run_and_nested_runs_restore_it(
+    lora_pytester: pytest.Pytester,
+) -> None:
+    """The assertions' default policy is a ContextVar the plugin sets around the test loop: an in-process run
+    with a policy, and one without (the built-in defaults), each see their own, and the caller gets its back."""
+    from pytest_lora import Policy, active_policy, use_policy
+
+    lora_pytester.makepyfile(
+        """
+        import os
+        from pytest_lora import active_policy
+
+        def test_sees_its_sessions_policy():
+            assert active_policy().source == os.environ["EXPECTED_POLICY"], active_policy().source
+        """
+    )
+    policy_file = lora_pytester.path / "team.toml"
+    policy_file.write_text("alpha_ratio = 1.0\n")
+    with use_policy(Policy(alpha_ratio=3.0, source="outer")), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EXPECTED_POLICY", str(policy_file))
+        lora_pytester.runpytest(f"--lora-policy={policy_file}").assert_outcomes(passed=1)
+        assert active_policy().source == "outer"
+        patch.setenv("EXPECTED_POLICY", "<defaults>")
+        lora_pytester.runpytest().assert_outcomes(passed=1)
+        assert active_policy().source == "outer"
+
+
 def test_marker_selects_lora_tests_under_strict_markers(lora_pytester: pytest.Pytester) -> None:
     lora_pytester.makepyfile(
         """

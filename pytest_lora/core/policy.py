@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
 from pytest_lora.core.curves import OverfitRule, PlateauRule
+from pytest_lora.core.defaults import DEFAULT_POLICY_SOURCE
 from pytest_lora.core.errors import PolicyError
 from pytest_lora.core.recipe import MemoryRecipe
 from pytest_lora.core.settings import (
@@ -161,7 +162,7 @@ class Policy:
     overfit: OverfitRule = field(default_factory=OverfitRule)
     sweep: SweepRule = field(default_factory=SweepRule)
     memory: MemoryRecipe = field(default_factory=MemoryRecipe)
-    source: str = "<defaults>"
+    source: str = DEFAULT_POLICY_SOURCE
 
     def __post_init__(self) -> None:
         """Reject impossible policies at construction; messages start with the field name."""

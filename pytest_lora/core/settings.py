@@ -12,7 +12,6 @@ It also holds the small validation helpers `pytest_lora.core.policy` shares (`ch
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import os
 import re
@@ -27,11 +26,6 @@ from pathlib import Path
 from typing import Protocol
 
 from pytest_lora.core.errors import LoraError, SettingsError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 PYPROJECT_TABLE = "tool.pytest_lora"
 # The model tasks pytest-lora loads and trains, by PEFT's `TaskType` names (what `LoraConfig.task_type` takes).
@@ -201,6 +195,8 @@ def reject_unknown(
         if not isinstance(key, str):
             raise error(f"{where} {noun} {show(key)} is not a string. Valid {noun}s: {listing}.")
         if key not in valid:
+            import difflib  # on the error path only
+
             close = difflib.get_close_matches(key, list(valid), n=1)
             guess = f" Did you mean {prefix + close[0]!r}?" if close else ""
             shown = f"{show(prefix + key)} = {show(value)}"
@@ -209,6 +205,11 @@ def reject_unknown(
 
 def read_toml(path: str | os.PathLike[str], error: type[LoraError], what: str, fix: str) -> dict[str, object]:
     """Parse a TOML file; a missing file, an unreadable one or bad TOML becomes `error` naming the file."""
+    if sys.version_info >= (3, 11):  # imported here: a project without TOML files pays nothing for the parser
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
+
     name = os.fspath(path)
     try:
         with open(path, "rb") as stream:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from pytest_lora.core.defaults import DEFAULT_POLICY_SOURCE
 from pytest_lora.core.errors import LoraError
-from pytest_lora.core.policy import Policy
 from pytest_lora.core.settings import Settings, Worker
 
-if TYPE_CHECKING:  # the model side loads with the first base, not with the plugin
+if TYPE_CHECKING:  # the model side loads with the first base, the policy code with the first use of a policy
+    from pytest_lora.core.policy import Policy
     from pytest_lora.model.adapters import AdapterManager
     from pytest_lora.model.loading import LoadedBase
 
@@ -43,13 +45,28 @@ class BaseModelPool:
     """Base models by key, loaded lazily on first use; load counts and digests for the checks."""
 
     settings: Settings
-    policy: Policy
+    team_policy: Policy | None = None  # None: no policy configured, the built-in defaults apply
     bases: dict[tuple[Any, ...], LoadedBase] = field(default_factory=dict)
     managers: dict[tuple[Any, ...], AdapterManager] = field(default_factory=dict)
     loads: Counter[tuple[Any, ...]] = field(default_factory=Counter)
     digests: dict[tuple[Any, ...], str] = field(default_factory=dict)
     failures: dict[tuple[Any, ...], LoraError] = field(default_factory=dict)
     worker: Worker | None = None  # under pytest-xdist: which GPU and how many CPU threads this process takes
+
+    @cached_property
+    def policy(self) -> Policy:
+        """The session's policy: the team's, else the built-in defaults, built on first use, so a run that never
+        asks (`--collect-only` in a project without LoRA tests) does not import the policy code."""
+        if self.team_policy is not None:
+            return self.team_policy
+        from pytest_lora.core.policy import Policy
+
+        return Policy()
+
+    @property
+    def policy_source(self) -> str:
+        """Where the session's policy comes from, without building the defaults."""
+        return self.team_policy.source if self.team_policy is not None else DEFAULT_POLICY_SOURCE
 
     def base(self, settings: Settings | None = None) -> LoadedBase:
         """The base model for these settings, loaded on first use only."""

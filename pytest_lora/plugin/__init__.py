@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_lora.core.errors import LoraAssertionError, LoraError, SettingsError
-from pytest_lora.core.policy import Policy, load_policy, policy_from_table, reset_active_policy, set_active_policy
 from pytest_lora.core.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
 from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
 from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
 from pytest_lora.plugin.xdist import is_worker, worker
 
-if TYPE_CHECKING:  # the report formats load with the first test report, not with the plugin
+if TYPE_CHECKING:  # the report formats load with the first test report, the policy code with a policy
+    from pytest_lora.core.policy import Policy
     from pytest_lora.core.report import RunRecord
 
 # Extension plugins that add options must load with the plugin (before the command line is parsed);
@@ -82,18 +82,20 @@ def _resolve(config: pytest.Config) -> LoraState:
     cli = {spec.name: config.getoption(f"lora_{spec.name}") for spec in OPTIONS}
     ini = {spec.name: config.getini(spec.ini) for spec in OPTIONS}
     settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None)
-    policy: Policy | None = None
-    if (
-        settings.policy
-        and pyproject
-        and _same_file(settings.policy, pyproject)
-        and isinstance(table.get("policy"), Mapping)
-    ):  # the inline `[tool.pytest_lora.policy]` table: already parsed above
-        policy = policy_from_table(table, settings.policy)
-    elif settings.policy:
-        policy = load_policy(settings.policy)
-    pool = BaseModelPool(settings, policy or Policy(), worker=worker(config))
+    pool = BaseModelPool(settings, _team_policy(settings.policy, pyproject, table), worker=worker(config))
     return LoraState(pool, str(pyproject) if pyproject else None)
+
+
+def _team_policy(path: str | None, pyproject: Path | None, table: Mapping[str, object]) -> Policy | None:
+    """The configured policy, None when there is none (the pool builds the defaults when first asked)."""
+    if not path:
+        return None
+    from pytest_lora.core.policy import load_policy, policy_from_table
+
+    inline = table.get("policy")
+    if pyproject and _same_file(path, pyproject) and isinstance(inline, Mapping):
+        return policy_from_table(table, path)  # the inline `[tool.pytest_lora.policy]` table: already parsed
+    return load_policy(path)
 
 
 def _same_file(path: str, pyproject: Path) -> bool:
@@ -115,7 +117,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if state.session.settings.require_gpu:
         _require_gpu()
     config.stash[STATE] = state
-    state.policy_token = set_active_policy(state.session.policy)
     from pytest_lora.plugin import fixtures
 
     config.pluginmanager.register(fixtures, "lora-fixtures")
@@ -124,12 +125,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.import_plugin("pytest_lora.plugin.bench")
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """The assertions' active policy goes back to what it was before this session (in-process runs nest)."""
-    state = config.stash.get(STATE, None)
-    if state is not None and state.policy_token is not None:
-        reset_active_policy(state.policy_token)
-        state.policy_token = None
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Any:
+    """While the tests run, the session's policy is the assertions' default (a ContextVar: an in-process run
+    nests, and gets back the outer one's after). `--collect-only` runs no test: the policy code stays unloaded."""
+    state = session.config.stash.get(STATE, None)
+    if state is None or session.config.option.collectonly:
+        return (yield)
+    from pytest_lora.core.policy import reset_active_policy, set_active_policy
+
+    token = set_active_policy(state.session.policy)
+    try:
+        return (yield)
+    finally:
+        reset_active_policy(token)
 
 
 def _require_gpu() -> None:
@@ -155,7 +164,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         device = "auto (CUDA if available, else CPU; resolved when the model loads)"
     lines = [
         f"lora: model={settings.model or 'builtin:tiny-llama'}, device={device}, {settings.quantization_label()}",
-        f"lora: policy={state.session.policy.source}",
+        f"lora: policy={state.session.policy_source}",
     ]
     if settings.trust_remote_code:
         lines.append("lora: trust_remote_code=ON (the model's own Python code will run)")

@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_lora.core.errors import AdapterConfigError, LoraPolicyWarning
-from pytest_lora.core.globs import find, literal_prefix
-from pytest_lora.core.policy import Policy
 from pytest_lora.core.settings import PYPROJECT_TABLE, Settings
 from pytest_lora.plugin.state import MARKER, STATE
+
+if TYPE_CHECKING:  # loaded when a config file is checked, not with the plugin
+    from pytest_lora.core.policy import Policy
 
 CHECK_OPTION = "--lora-check"
 RESUME_OPTION = "--lora-resume-rank"
@@ -129,6 +130,8 @@ def _glob(root: Path, pattern: str, origin: str) -> tuple[list[Path], str | None
     not even through a symlink: a glob in a shared pyproject.toml must not collect files from
     elsewhere on the machine. A file outside is checked when named explicitly with --lora-check.
     """
+    from pytest_lora.core.globs import find, literal_prefix
+
     where = f"{origin}: {pattern!r}"
     explicit = f"or name a file outside the project explicitly with {CHECK_OPTION} PATH"
     base = root.resolve()

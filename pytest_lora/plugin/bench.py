@@ -18,7 +18,6 @@ import pytest
 
 from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SEQ_LEN
 from pytest_lora.core.errors import LoraError, TrainingError
-from pytest_lora.core.recipe import MemoryRecipe
 from pytest_lora.core.settings import Settings
 from pytest_lora.core.values import is_int, is_real
 
@@ -32,9 +31,6 @@ if TYPE_CHECKING:  # the shapes, FLOPs and report formats load with the first be
 DEFAULT_STEPS_PER_ROUND = 4
 DEFAULT_ROUNDS = 5
 DEFAULT_WARMUP_ROUNDS = 1
-# What `training.timed_rounds` runs, for the rank table's estimate: torch AdamW on the adapter as attached; the
-# model's own checkpointing, attention and device. Its allocated peak is what "peak mem" measures on CUDA.
-BENCH_RECIPE = MemoryRecipe(optimizer="adamw")
 
 
 def config_label(model: Any, shape: ModelShape) -> str:
@@ -102,6 +98,7 @@ def lora_benchmark(
     """
     from pytest_lora.core.flops import mfu, step_flops
     from pytest_lora.core.memory import memory_breakdown
+    from pytest_lora.core.recipe import MemoryRecipe
     from pytest_lora.core.report import RUN_PROPERTY, RunRecord
     from pytest_lora.model import training
     from pytest_lora.model.counting import count_parameters
@@ -139,7 +136,10 @@ def lora_benchmark(
         label = config_label(model, shape)
         if benchmark.group is None:
             benchmark.group = label
-        estimate = memory_breakdown(shape, batch_size=batch_size, seq_len=seq_len, recipe=BENCH_RECIPE)
+        # What `training.timed_rounds` runs: torch AdamW on the adapter as attached; the model's own checkpointing,
+        # attention and device. Its allocated peak is what "peak mem" measures on CUDA.
+        recipe = MemoryRecipe(optimizer="adamw")
+        estimate = memory_breakdown(shape, batch_size=batch_size, seq_len=seq_len, recipe=recipe)
         seconds, peak_bytes, scope = run_oom_checked(
             lambda: training.timed_rounds(
                 benchmark,

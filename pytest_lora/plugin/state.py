@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextvars import Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,6 @@ import pytest
 from pytest_lora.core.settings import Settings
 
 if TYPE_CHECKING:
-    from pytest_lora.core.policy import Policy
     from pytest_lora.model.base_pool import BaseModelPool
 
 MARKER = "lora"
@@ -24,7 +22,6 @@ class LoraState:
     session: BaseModelPool
     pyproject: str | None
     changed_bases: list[str] | None = None  # filled at session end under --lora-verify-base
-    policy_token: Token[Policy] | None = None  # resets the assertions' active policy at the session's end
 
 
 STATE = pytest.StashKey[LoraState]()

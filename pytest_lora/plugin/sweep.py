@@ -26,13 +26,13 @@ import pytest
 
 from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SEQ_LEN
 from pytest_lora.core.errors import AdapterConfigError, PolicyError, SettingsError
-from pytest_lora.core.policy import SweepRule
 from pytest_lora.core.settings import Settings
 from pytest_lora.integrations.mlflow import MlflowSweepLogger, require_mlflow
 from pytest_lora.plugin.state import STATE, node_settings
 from pytest_lora.plugin.xdist import is_worker
 
 if TYPE_CHECKING:
+    from pytest_lora.core.policy import SweepRule
     from pytest_lora.core.sweep import SweepDecision
     from pytest_lora.model.base_pool import BaseModelPool
     from pytest_lora.plugin.fixture_types import LoraTrain
