@@ -46,6 +46,12 @@ def lora_pytester(pytester: pytest.Pytester, tmp_path_factory: pytest.TempPathFa
     return pytester
 
 
+def repeats(benchmark, n: int) -> int:
+    """How often a benchmark measures its baseline: `n` times, but once under `--benchmark-disable` (the default
+    suite), which runs every benchmark's code so it cannot rot without paying for statistics nobody reads."""
+    return 1 if benchmark.disabled else n
+
+
 def median_seconds(fn, repeat: int) -> float:
     """Median wall time of `repeat` calls: the baseline side of a benchmark's ratio."""
     times = []

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import lora_config, median_seconds
+from conftest import lora_config, median_seconds, repeats
 
 from pytest_lora.model.adapters import AdapterManager
 from pytest_lora.model.loading import load_base_model
@@ -54,34 +54,41 @@ def test_attach_detach_vs_base_load(benchmark, base_settings):
 
     benchmark.group = "core: adapter per test vs base load"
     benchmark.pedantic(attach_detach, rounds=5, warmup_rounds=1)
-    load = median_seconds(lambda: load_base_model(base_settings), repeat=3)
-    attach = median_seconds(attach_detach, repeat=5)
+    load = median_seconds(lambda: load_base_model(base_settings), repeat=repeats(benchmark, 3))
+    attach = median_seconds(attach_detach, repeat=repeats(benchmark, 5))
     benchmark.extra_info.update(load_s=load, attach_detach_s=attach, attach_over_load=attach / load)
     print(f"\nattach+detach {attach * 1e3:.1f} ms, base load {load * 1e3:.1f} ms: ratio {attach / load:.3f}")
 
 
-def _collect(project, *extra: str) -> None:
+def _collect(project, *extra: str) -> float:
+    """Seconds of one `pytest --collect-only` in `project`, in a fresh interpreter."""
+    start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *extra],
         cwd=project,
         check=True,
         capture_output=True,
     )
+    return time.perf_counter() - start
 
 
 def test_collect_only_cost_of_the_plugin(benchmark, tmp_path):
     """A project with pytest-lora installed but no LoRA tests collects as fast as with `-p no:lora` (target: a
-    ratio <= 1.05). Runs alternate between the two, so a load change on the machine hits both alike."""
+    ratio <= 1.05). Each round times the two back to back, so a load change on the machine hits both alike."""
     for module in range(20):
         tests = "\n".join(f"def test_{i}():\n    assert {i} == {i}\n" for i in range(10))
         (tmp_path / f"test_plain_{module}.py").write_text(tests)
-    benchmark.group = "core: --collect-only, plugin on vs -p no:lora"
-    benchmark.pedantic(_collect, args=(tmp_path,), rounds=3, warmup_rounds=1)
     on: list[float] = []
     off: list[float] = []
-    for _ in range(7):
-        on.append(median_seconds(lambda: _collect(tmp_path), repeat=1))
-        off.append(median_seconds(lambda: _collect(tmp_path, "-p", "no:lora"), repeat=1))
+
+    def on_then_off() -> None:
+        on.append(_collect(tmp_path))
+        off.append(_collect(tmp_path, "-p", "no:lora"))
+
+    _collect(tmp_path)  # warm-up of both: bytecode caches, page cache
+    _collect(tmp_path, "-p", "no:lora")
+    benchmark.group = "core: --collect-only of 200 tests, plugin on then -p no:lora"
+    benchmark.pedantic(on_then_off, rounds=15)
     with_plugin, without = statistics.median(on), statistics.median(off)
     ratio = with_plugin / without
     benchmark.extra_info.update(
@@ -119,8 +126,8 @@ def test_lora_train_vs_hand_written_loop(benchmark, lora_model, lora_train):
 
     benchmark.group = "core: lora_train vs hand-written loop"
     benchmark.pedantic(fixture_run, rounds=3, warmup_rounds=1)
-    hand = statistics.median(hand_loop() for _ in range(3))
-    ours = statistics.median(fixture_run() for _ in range(3))
+    hand = statistics.median(hand_loop() for _ in range(repeats(benchmark, 3)))
+    ours = statistics.median(fixture_run() for _ in range(repeats(benchmark, 3)))
     benchmark.extra_info.update(hand_tokens_per_s=hand, lora_train_tokens_per_s=ours, ratio=ours / hand)
     print(f"\ntokens/s: lora_train {ours:,.0f}, hand loop {hand:,.0f}: ratio {ours / hand:.3f}")
 
@@ -146,9 +153,9 @@ def test_per_test_state_check_vs_attach_detach_and_training(benchmark, lora_sess
 
     benchmark.group = "core: per-test base-state check"
     benchmark.pedantic(check, rounds=20, warmup_rounds=2)
-    checked = median_seconds(check, repeat=50)
-    attach = median_seconds(attach_detach, repeat=7)
-    trained = median_seconds(train_10, repeat=3)
+    checked = median_seconds(check, repeat=repeats(benchmark, 50))
+    attach = median_seconds(attach_detach, repeat=repeats(benchmark, 7))
+    trained = median_seconds(train_10, repeat=repeats(benchmark, 3))
     benchmark.extra_info.update(
         check_s=checked,
         attach_detach_s=attach,

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from _flop_counter import counted_flops_per_token, tiny_unquantized
-from conftest import lora_config
+from conftest import lora_config, repeats
 
 from pytest_lora.core.flops import step_flops
 from pytest_lora.model.shapes import model_shape
@@ -60,11 +60,11 @@ def test_lora_benchmark_vs_hand_written_loop(benchmark, lora_benchmark, lora_mod
             seconds.append(time.perf_counter() - start)
         return seconds[1:]
 
-    hand_rounds = hand_loop() + hand_loop()
+    hand_rounds = [seconds for _ in range(repeats(benchmark, 2)) for seconds in hand_loop()]
     run = lora_benchmark(
         config, batch_size=BATCH, seq_len=SEQ, steps_per_round=STEPS_PER_ROUND, rounds=ROUNDS, warmup_rounds=1
     )
-    hand_rounds += hand_loop() + hand_loop()
+    hand_rounds += [seconds for _ in range(repeats(benchmark, 2)) for seconds in hand_loop()]
     tokens_per_round = STEPS_PER_ROUND * BATCH * SEQ
     # the same statistic on both sides: the median round (robust to a busy machine's hiccups)
     harness_round = benchmark.stats.stats.median if benchmark.stats else run.step_time_s * STEPS_PER_ROUND
@@ -90,7 +90,7 @@ def test_flops_formula_vs_flop_counter(benchmark):
     benchmark.group = "flops: formula vs FlopCounterMode"
     benchmark.pedantic(lambda: [step_flops(model_shape(m), 64) for m in models.values()], rounds=3)
     ratios = {}
-    for name, model in models.items():
+    for name, model in list(models.items())[: repeats(benchmark, len(models))]:  # one config when disabled
         for seq_len in (64, 256):
             formula = step_flops(model_shape(model), seq_len).model
             ratios[f"{name}, seq {seq_len}"] = formula / counted_flops_per_token(model, seq_len)
