@@ -33,7 +33,7 @@ pytest_plugins = ("pytest_lora.plugin.adapter_check", "pytest_lora.plugin.sweep"
 silence_bitsandbytes_kernel_notice()
 
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-_OWN_DIR = str(Path(__file__).parent)
+_OWN_DIR = str(Path(__file__).parent.parent)  # the whole package, every layer: its frames are not the user's
 _OWN_PACKAGE = "pytest_lora."
 
 
