@@ -138,7 +138,7 @@ def test_a_marker_typo_on_a_sweep_is_a_message_not_a_traceback(lora_pytester: py
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*unknown keyword 'sweeep' = [[]2[]]. Did you mean 'sweep'?*"])
     output = result.stdout.str()
-    assert "pluggy" not in output and "_pytest" not in output and "pytest_lora/" not in output
+    assert "pluggy/" not in output and "_pytest/" not in output and "pytest_lora/" not in output
 
 
 def test_a_relative_path_in_the_ini_counts_from_the_config_file_not_the_cwd(
