@@ -69,7 +69,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if RANK_FIXTURE not in metafunc.fixturenames:
         return
     session = metafunc.config.stash[STATE].session
-    ranks = node_settings(metafunc.definition).sweep or session.policy.sweep.ranks
+    try:
+        ranks = node_settings(metafunc.definition).sweep or session.policy.sweep.ranks
+    except SettingsError as exc:  # a bad marker keyword: the message alone, as at any other test's setup
+        raise pytest.Collector.CollectError(f"{type(exc).__name__}: {exc}") from None
     metafunc.parametrize(RANK_FIXTURE, ranks, ids=[f"r={rank}" for rank in ranks], indirect=True)
 
 
