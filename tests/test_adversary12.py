@@ -150,7 +150,7 @@ def test_a_relative_path_in_the_ini_counts_from_the_config_file_not_the_cwd(
     (lora_pytester.path / "tox.ini").unlink()  # the pyproject is the config file
     (lora_pytester.path / "team.toml").write_text("ranks = [64]\n")
     tests = lora_pytester.mkdir("tests")
-    (tests / "test_policy.py").write_text(
+    (tests / "test_team_ini_policy.py").write_text(
         "from pytest_lora import active_policy\n\ndef test_team():\n    assert active_policy().ranks == (64,)\n"
     )
     monkeypatch.chdir(tests)
@@ -165,7 +165,7 @@ def test_a_missing_policy_file_names_where_it_was_set(lora_pytester: pytest.Pyte
     lora_pytester.makepyfile("def test_plain():\n    pass\n")
     result = lora_pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*ini option lora_policy = *missing.toml*does not exist*"])
+    result.stderr.fnmatch_lines(["*policy file *missing.toml does not exist; check ini option lora_policy *"])
 
 
 def test_the_layer_check_sees_a_lazy_import_through_the_package_root(
