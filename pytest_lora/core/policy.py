@@ -290,12 +290,15 @@ def policy_from_pyproject(path: str | os.PathLike[str]) -> Policy | None:
     return policy_from_table(read_pyproject(path, PolicyError), path)
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
+def load_policy(path: str | os.PathLike[str], where: str | None = None) -> Policy:
     """A Policy from a standalone TOML file (keys at top level), or from the `[tool.pytest_lora.policy]`
-    table when given a pyproject.toml (any file with a `[tool]` table)."""
+    table when given a pyproject.toml (any file with a `[tool]` table).
+
+    `where` names the setting that gave the path in messages (`Settings.origin("policy")`)."""
     fix = (
-        "check --lora-policy, the lora_policy ini key or `policy = ...` in [tool.pytest_lora] "
-        "(a relative path there counts from the pyproject.toml directory)"
+        f"check {where or '--lora-policy, the lora_policy ini key or `policy = ...` in [tool.pytest_lora]'} "
+        "(a relative path counts from the directory of the file it is written in, on the command line from the "
+        "current directory)"
     )
     data = read_toml(path, PolicyError, "policy file", fix)
     if "tool" not in data:

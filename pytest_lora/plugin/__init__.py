@@ -81,7 +81,8 @@ def _resolve(config: pytest.Config) -> LoraState:
     table = read_pyproject(pyproject) if pyproject else {}
     cli = {spec.name: config.getoption(f"lora_{spec.name}") for spec in OPTIONS}
     ini = {spec.name: config.getini(spec.ini) for spec in OPTIONS}
-    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None)
+    inipath = str(config.inipath) if config.inipath else None
+    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None, inipath)
     policy: Policy | None = None
     if (
         settings.policy
@@ -91,7 +92,7 @@ def _resolve(config: pytest.Config) -> LoraState:
     ):  # the inline `[tool.pytest_lora.policy]` table: already parsed above
         policy = policy_from_table(table, settings.policy)
     elif settings.policy:
-        policy = load_policy(settings.policy)
+        policy = load_policy(settings.policy, settings.origin("policy"))
     pool = BaseModelPool(settings, policy or Policy(), worker=worker(config))
     return LoraState(pool, str(pyproject) if pyproject else None)
 
