@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# In the outer session, as tests/conftest.py does for torch: pytester's in-process runs drop the modules an inner
+# run imported, while `pytest_lora` (kept) caches the names it resolved, so a later inner run's
+# `from pytest_lora import synthetic_data` would make data of a dropped TokenData class.
+import pytest_lora.model.training  # noqa: F401
+
 pytestmark = pytest.mark.lora
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
