@@ -210,13 +210,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
 
 
 def __getattr__(name: str) -> Any:
-    """Import the module that defines `name` on first access, and keep the value here for the next one."""
+    """The value from the module that defines `name`, imported on first access.
+
+    Not cached here: the value always comes from the module now in `sys.modules`, also after pytester's
+    in-process runs dropped and re-imported it (a cached one would mix two copies of its classes)."""
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'pytest_lora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return getattr(importlib.import_module(module), name)
 
 
 def __dir__() -> list[str]:

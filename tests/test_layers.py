@@ -46,7 +46,12 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str) -> Iterator[str]:
             package = package.rpartition(".")[0]
         base = f"{package}.{base}" if base else package
     for alias in node.names:
-        yield f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+        if f"{base}.{alias.name}" in MODULES:
+            yield f"{base}.{alias.name}"
+        elif base == "pytest_lora" and alias.name in pytest_lora._WHERE:  # a public name: the module it loads
+            yield pytest_lora._WHERE[alias.name]
+        else:
+            yield base
 
 
 def imports(module: str, *, top_level_only: bool) -> set[str]:

@@ -291,12 +291,15 @@ def policy_from_pyproject(path: str | os.PathLike[str]) -> Policy | None:
     return policy_from_table(read_pyproject(path, PolicyError), path)
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
+def load_policy(path: str | os.PathLike[str], where: str | None = None) -> Policy:
     """A Policy from a standalone TOML file (keys at top level), or from the `[tool.pytest_lora.policy]`
-    table when given a pyproject.toml (any file with a `[tool]` table)."""
+    table when given a pyproject.toml (any file with a `[tool]` table).
+
+    `where` names the setting that gave the path in messages (`Settings.origin("policy")`)."""
     fix = (
-        "check --lora-policy, the lora_policy ini key or `policy = ...` in [tool.pytest_lora] "
-        "(a relative path there counts from the pyproject.toml directory)"
+        f"check {where or '--lora-policy, the lora_policy ini key or `policy = ...` in [tool.pytest_lora]'} "
+        "(a relative path counts from the directory of the file it is written in, on the command line from the "
+        "current directory)"
     )
     data = read_toml(path, PolicyError, "policy file", fix)
     if "tool" not in data:
@@ -316,28 +319,40 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 # session and resets it at the session's end, and `use_policy` restores it exactly, nested or not.
 _ACTIVE_POLICY: ContextVar[Policy] = ContextVar("pytest_lora_active_policy")
 _DEFAULT_POLICY = Policy()
+# The policies of the sessions in progress, innermost last: what a thread that a test starts sees (a new
+# thread does not inherit the ContextVar; it must not fall back to the defaults in silence). Pushed and
+# popped with the session, so no session's policy outlives it.
+_SESSION_POLICIES: list[Policy] = []
 
 
 def active_policy() -> Policy:
-    """The policy the assertions default to: the session's, or the built-in defaults."""
-    return _ACTIVE_POLICY.get(_DEFAULT_POLICY)
+    """The policy the assertions default to: `use_policy`'s, else the session's (in any thread), else the
+    built-in defaults."""
+    return _ACTIVE_POLICY.get(_SESSION_POLICIES[-1] if _SESSION_POLICIES else _DEFAULT_POLICY)
 
 
 def set_active_policy(policy: Policy) -> Token[Policy]:
-    """Make `policy` the default of every assertion until `reset_active_policy(token)` (the plugin: per session)."""
+    """Make `policy` the session's: the default of every assertion, in the threads its tests start too, until
+    `reset_active_policy(token)` (the plugin, per session; sessions nest, as pytester's in-process runs)."""
+    _SESSION_POLICIES.append(policy)
     return _ACTIVE_POLICY.set(policy)
 
 
 def reset_active_policy(token: Token[Policy]) -> None:
-    """Put back the policy that was active before `set_active_policy` returned `token`."""
-    _ACTIVE_POLICY.reset(token)
+    """End the session that `set_active_policy` returned `token` for: the policy before it is back."""
+    try:
+        _ACTIVE_POLICY.reset(token)
+    finally:
+        _SESSION_POLICIES.pop()
 
 
 @contextmanager
 def use_policy(policy: Policy) -> Iterator[Policy]:
-    """Temporarily check against another policy: `with use_policy(strict): assert_param_budget(m)`."""
-    token = set_active_policy(policy)
+    """Temporarily check against another policy: `with use_policy(strict): assert_param_budget(m)`.
+
+    In this thread (context) only: a thread started inside the block sees the session's policy."""
+    token = _ACTIVE_POLICY.set(policy)
     try:
         yield policy
     finally:
-        reset_active_policy(token)
+        _ACTIVE_POLICY.reset(token)

@@ -448,6 +448,11 @@ def _device(value: str) -> str | None:
     return "is not a device; use auto, cpu, cuda or cuda:N (N = GPU index, e.g. cuda:0)"
 
 
+def _no_empty(paths: tuple[str, ...]) -> str | None:
+    """`--lora-check=` would check the current directory as a saved adapter: an empty entry is a typo."""
+    return "has an empty entry; name a file, directory or pattern there, or leave it out" if "" in paths else None
+
+
 def _shown(default: object) -> str:
     """A default as a user would type it: none, true, 4,8,16."""
     if default is None or default == ():
@@ -561,11 +566,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     _option("report", "Write a JSON report of the LoRA checks to this file", path="always"),
     _option("sweep", "Ranks for rank sweeps, comma separated, e.g. 4,8,16", check_ranks, marker=True),
-    _option("configs", "Glob patterns of adapter config files to check, comma separated"),
+    _option("configs", "Glob patterns of adapter config files to check, comma separated", _no_empty),
     _option(
         "check",
         "Check an adapter_config.json, an adapter directory or a TOML file of LoraConfig fields against the "
         "policy, without loading weights; repeat the flag for several (a list in [tool.pytest_lora])",
+        _no_empty,
         path="always",
         repeat=True,
     ),
@@ -603,7 +609,7 @@ def argparse_type(spec: OptionSpec) -> Callable[[str], object]:
 
 
 def _resolve_path(spec: OptionSpec, value: object, base: Path) -> object:
-    """A relative path from pyproject.toml counts from its directory (as a hub id stays a hub id)."""
+    """A relative path from pyproject.toml or the ini file counts from its directory (a hub id stays a hub id)."""
     if spec.path and isinstance(value, tuple):
         return tuple(_resolve_path(spec, item, base) for item in value)
     if not spec.path or not isinstance(value, str):
@@ -623,13 +629,16 @@ def resolve_settings(
     pyproject: Mapping[str, object],
     ini: Mapping[str, object | None],
     pyproject_path: str | None,
+    ini_path: str | None = None,
 ) -> Settings:
     """Merge the layers into Settings: command line > `[tool.pytest_lora]` > ini > default.
 
     `cli` and `ini` are keyed by option name ("model"); a None value (or an empty ini string) means not
     set. `pyproject` is the `[tool.pytest_lora]` table (see `read_pyproject`). An inline
     `[tool.pytest_lora.policy]` table sets `policy` to the pyproject file itself, which `load_policy`
-    reads that table from, so the precedence holds for it too.
+    reads that table from, so the precedence holds for it too. A relative path counts from the file it is
+    written in (`pyproject_path`, the config file `ini_path`, as pytest's own path options), so
+    `cd tests && pytest` finds the same files; one from the command line counts from the current directory.
     """
     names = [spec.name for spec in OPTIONS]
     reject_unknown(cli, names, "command line values:", noun="option")
@@ -640,6 +649,7 @@ def resolve_settings(
     if isinstance(pyproject.get("policy"), Mapping):
         pyproject["policy"] = os.path.abspath(pyproject_path) if pyproject_path else None
     base = Path(pyproject_path).parent if pyproject_path else Path.cwd()
+    bases = {table: base, **({"ini": Path(ini_path).parent} if ini_path else {})}
 
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
@@ -652,7 +662,7 @@ def resolve_settings(
         for raw, key, origin in layers:
             if raw is not None:
                 value = spec.parse(raw, key)
-                values[spec.name] = _resolve_path(spec, value, base) if origin == table else value
+                values[spec.name] = _resolve_path(spec, value, bases[origin]) if origin in bases else value
                 sources[spec.name] = origin
                 break
     return Settings(**values, sources=types.MappingProxyType(sources))  # type: ignore[arg-type]

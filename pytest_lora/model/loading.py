@@ -88,7 +88,7 @@ def resolve_source(spec: str | None, where: str | None = None) -> ModelSource:
     if spec is None:
         return ModelSource("builtin", BUILTIN_MODEL)
     if spec.startswith(BUILTIN_PREFIX):
-        name, _ = zoo_entry(spec)
+        name, _ = zoo_entry(spec, where)
         return ModelSource("builtin", BUILTIN_PREFIX + name)
     path = Path(spec).expanduser()
     if path.exists():
@@ -112,9 +112,14 @@ def resolve_source(spec: str | None, where: str | None = None) -> ModelSource:
     return ModelSource("hub", spec)
 
 
-def resolve_device(device: str, worker: Worker | None = None) -> str:
-    """`auto` is CUDA when available, else CPU; under xdist, worker i takes GPU i mod count."""
+def resolve_device(device: str, worker: Worker | None = None, where: str | None = None) -> str:
+    """`auto` is CUDA when available, else CPU; under xdist, worker i takes GPU i mod count.
+
+    `where` names the setting in messages (`Settings.describe("device")`: the flag, marker or pyproject key).
+    """
     import torch
+
+    where = where or f"--lora-device {device}"
 
     index = worker.index if worker else 0
     if device == "auto":
@@ -124,14 +129,14 @@ def resolve_device(device: str, worker: Worker | None = None) -> str:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SettingsError(
-                f"--lora-device {device}: CUDA is not available on this machine (torch {torch.__version__}).\n"
+                f"{where}: CUDA is not available on this machine (torch {torch.__version__}).\n"
                 "  fix: use --lora-device auto or cpu, or run on a GPU runner with a CUDA build of torch"
             )
         if device == "cuda":
             return f"cuda:{index % torch.cuda.device_count()}"
         if int(device.split(":", 1)[1]) >= torch.cuda.device_count():
             raise SettingsError(
-                f"--lora-device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible.\n"
+                f"{where}: only {torch.cuda.device_count()} CUDA device(s) are visible.\n"
                 f"  fix: use cuda:0 .. cuda:{torch.cuda.device_count() - 1}, or auto"
             )
     return device
@@ -300,7 +305,7 @@ def load_base_model(settings: Settings, worker: Worker | None = None) -> LoadedB
     `worker`: under pytest-xdist, the worker this process is (its GPU and its share of the CPU threads).
     """
     source = resolve_source(settings.model, settings.describe("model"))
-    device = resolve_device(settings.device, worker)
+    device = resolve_device(settings.device, worker, settings.describe("device"))
     if source.kind == "hub" and _offline():
         raise ModelLoadError(
             f"{settings.describe('model')}: a hub id, but HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, "

@@ -217,13 +217,16 @@ ZOO: dict[str, ZooEntry] = {
 ZOO_NAMES: tuple[str, ...] = tuple(ZOO)
 
 
-def zoo_entry(spec: str) -> tuple[str, ZooEntry]:
-    """The entry for `builtin:NAME` (or a bare NAME); an unknown name is a ModelLoadError listing the names."""
+def zoo_entry(spec: str, where: str | None = None) -> tuple[str, ZooEntry]:
+    """The entry for `builtin:NAME` (or a bare NAME); an unknown name is a ModelLoadError listing the names.
+
+    `where` names the setting in messages (`Settings.describe("model")`), by default as the flag.
+    """
     name = spec.removeprefix(BUILTIN_PREFIX)
     entry = ZOO.get(name)
     if entry is None:
         raise ModelLoadError(
-            f"--lora-model {spec}: no built-in model of that name.\n"
+            f"{where or f'--lora-model {spec}'}: no built-in model of that name.\n"
             f"  built-in models: {', '.join(BUILTIN_PREFIX + n for n in ZOO_NAMES)}\n"
             "  fix: pick one of those, or give a local model directory or a hub id"
         )

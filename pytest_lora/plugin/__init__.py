@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_lora.core.errors import LoraAssertionError, LoraError, SettingsError
-from pytest_lora.core.settings import OPTIONS, argparse_type, read_pyproject, resolve_settings
+from pytest_lora.core.settings import OPTIONS, Settings, argparse_type, read_pyproject, resolve_settings
 from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
 from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
@@ -33,7 +33,7 @@ pytest_plugins = ("pytest_lora.plugin.adapter_check", "pytest_lora.plugin.sweep"
 silence_bitsandbytes_kernel_notice()
 
 _LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
-_OWN_DIR = str(Path(__file__).parent)
+_OWN_DIR = str(Path(__file__).parent.parent)  # the whole package, every layer: its frames are not the user's
 _OWN_PACKAGE = "pytest_lora."
 
 
@@ -81,13 +81,15 @@ def _resolve(config: pytest.Config) -> LoraState:
     table = read_pyproject(pyproject) if pyproject else {}
     cli = {spec.name: config.getoption(f"lora_{spec.name}") for spec in OPTIONS}
     ini = {spec.name: config.getini(spec.ini) for spec in OPTIONS}
-    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None)
-    pool = BaseModelPool(settings, _team_policy(settings.policy, pyproject, table), worker=worker(config))
+    inipath = str(config.inipath) if config.inipath else None
+    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None, inipath)
+    pool = BaseModelPool(settings, _team_policy(settings, pyproject, table), worker=worker(config))
     return LoraState(pool, str(pyproject) if pyproject else None)
 
 
-def _team_policy(path: str | None, pyproject: Path | None, table: Mapping[str, object]) -> Policy | None:
+def _team_policy(settings: Settings, pyproject: Path | None, table: Mapping[str, object]) -> Policy | None:
     """The configured policy, None when there is none (the pool builds the defaults when first asked)."""
+    path = settings.policy
     if not path:
         return None
     from pytest_lora.core.policy import load_policy, policy_from_table
@@ -95,7 +97,7 @@ def _team_policy(path: str | None, pyproject: Path | None, table: Mapping[str, o
     inline = table.get("policy")
     if pyproject and _same_file(path, pyproject) and isinstance(inline, Mapping):
         return policy_from_table(table, path)  # the inline `[tool.pytest_lora.policy]` table: already parsed
-    return load_policy(path)
+    return load_policy(path, settings.origin("policy"))
 
 
 def _same_file(path: str, pyproject: Path) -> bool:

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_lora.core.settings import Settings
+from pytest_lora.core.errors import SettingsError
+from pytest_lora.core.settings import Settings, show
 
 if TYPE_CHECKING:
     from pytest_lora.model.base_pool import BaseModelPool
@@ -29,9 +30,17 @@ SETTINGS = pytest.StashKey[Settings]()  # on a test node: the settings in force 
 
 
 def marker_overrides(node: pytest.Item | Any) -> dict[str, Any]:
-    """Keyword arguments of every `lora` marker on the test, its class and module; the closest wins."""
+    """Keyword arguments of every `lora` marker on the test, its class and module; the closest wins.
+
+    A positional argument is an error: `@pytest.mark.lora("./m")` would otherwise run on the default model.
+    """
     merged: dict[str, Any] = {}
     for mark in reversed(list(node.iter_markers(MARKER))):
+        if mark.args:
+            raise SettingsError(
+                f"@pytest.mark.lora on {node.nodeid}: takes keyword arguments only, got {show(mark.args[0])}; "
+                "name the setting, e.g. @pytest.mark.lora(model='builtin:tiny-qwen2', seed=1)."
+            )
         merged.update(mark.kwargs)
     return merged
 

@@ -17,6 +17,7 @@ import enum
 import math
 import re
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -69,7 +70,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if RANK_FIXTURE not in metafunc.fixturenames:
         return
     session = metafunc.config.stash[STATE].session
-    ranks = node_settings(metafunc.definition).sweep or session.policy.sweep.ranks
+    try:
+        ranks = node_settings(metafunc.definition).sweep or session.policy.sweep.ranks
+    except SettingsError as exc:  # a bad marker keyword: the message alone, as at any other test's setup
+        raise pytest.Collector.CollectError(f"{type(exc).__name__}: {exc}") from None
     metafunc.parametrize(RANK_FIXTURE, ranks, ids=[f"r={rank}" for rank in ranks], indirect=True)
 
 
@@ -327,6 +331,16 @@ class SweepReport:
     notes: list[str]
 
 
+def _raised_at(exc: Exception, root: Path) -> str:
+    """`RuntimeError: down (conftest.py:12)`: the error and the line that raised it, relative to the rootdir."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return f"{type(exc).__name__}: {exc}"
+    path = Path(frames[-1].filename)
+    shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    return f"{type(exc).__name__}: {exc} ({shown}:{frames[-1].lineno})"
+
+
 class SweepRecorder:
     """Controller side: gathers each rank's result from the reports, decides at the end, writes the report."""
 
@@ -385,7 +399,12 @@ class SweepRecorder:
                 provenance["calibration"] = {"planted_rank": first["planted_rank"], "passed": calibration[0]}
             paths, notes = write_report(decision, provenance, directory, _file_name(group))
             report = SweepReport(group, provenance, paths, notes)
-            self.config.hook.pytest_lora_sweep_decided(config=self.config, decision=decision, report=report)
+            try:
+                self.config.hook.pytest_lora_sweep_decided(config=self.config, decision=decision, report=report)
+            except Exception as exc:  # a tracker's bug or outage: this sweep and the next ones are still shown
+                report.notes.append(f"pytest_lora_sweep_decided failed: {_raised_at(exc, self.config.rootpath)}")
+                if session.exitstatus == pytest.ExitCode.OK:
+                    session.exitstatus = pytest.ExitCode.TESTS_FAILED
             self.outcomes.append((group, decision, report.paths, report.notes))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
