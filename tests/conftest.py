@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import statistics
 import time
 
@@ -9,10 +11,21 @@ import bitsandbytes  # noqa: F401
 import peft  # noqa: F401
 import pytest
 import torch
-import transformers  # noqa: F401
+import transformers
+
+import pytest_lora
+from pytest_lora.model.zoo import ZOO
 
 # Imported here, in the outer session, on purpose: pytester's in-process runs drop the modules
-# an inner run imported, and torch's C extension cannot be loaded twice in one process.
+# an inner run imported, and torch's C extension cannot be loaded twice in one process. The same for
+# every pytest-lora module (the plugin loads most of them lazily) and the zoo's model classes: a module an
+# inner run imported first is dropped while its package keeps it as an attribute, so the outer session
+# would patch a copy the next inner run no longer uses (`pytest_lora.core.globs`), or hold a model class
+# whose module is gone (transformers' `set_attn_implementation` then refuses, with a log line only).
+for _module in pkgutil.walk_packages(pytest_lora.__path__, "pytest_lora."):
+    importlib.import_module(_module.name)
+for _entry in ZOO.values():
+    getattr(transformers, _entry.architecture)
 
 EXAMPLE_TARGETS = ["q_proj", "v_proj"]
 
