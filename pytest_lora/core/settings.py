@@ -191,16 +191,17 @@ def reject_unknown(
     `prefix` ("plateau.") is prepended to the keys shown, so nested tables read as dotted TOML keys.
     """
     for key, value in table.items():
+        if isinstance(key, str) and key in valid:
+            continue
         listing = ", ".join(prefix + name for name in sorted(valid))
         if not isinstance(key, str):
             raise error(f"{where} {noun} {show(key)} is not a string. Valid {noun}s: {listing}.")
-        if key not in valid:
-            import difflib  # on the error path only
+        import difflib  # on the error path only
 
-            close = difflib.get_close_matches(key, list(valid), n=1)
-            guess = f" Did you mean {prefix + close[0]!r}?" if close else ""
-            shown = f"{show(prefix + key)} = {show(value)}"
-            raise error(f"{where} unknown {noun} {shown}.{guess} Valid {noun}s: {listing}.")
+        close = difflib.get_close_matches(key, list(valid), n=1)
+        guess = f" Did you mean {prefix + close[0]!r}?" if close else ""
+        shown = f"{show(prefix + key)} = {show(value)}"
+        raise error(f"{where} unknown {noun} {shown}.{guess} Valid {noun}s: {listing}.")
 
 
 def read_toml(path: str | os.PathLike[str], error: type[LoraError], what: str, fix: str) -> dict[str, object]:

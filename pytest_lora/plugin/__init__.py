@@ -25,10 +25,6 @@ if TYPE_CHECKING:  # the report formats load with the first test report, the pol
     from pytest_lora.core.policy import Policy
     from pytest_lora.core.report import RunRecord
 
-# Extension plugins that add options must load with the plugin (before the command line is parsed);
-# `-p no:lora` disables them too.
-pytest_plugins = ("pytest_lora.plugin.adapter_check", "pytest_lora.plugin.sweep")
-
 # A logging filter only (bitsandbytes is not imported): set before any conftest imports bitsandbytes.
 silence_bitsandbytes_kernel_notice()
 
@@ -119,9 +115,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if state.session.settings.require_gpu:
         _require_gpu()
     config.stash[STATE] = state
-    from pytest_lora.plugin import fixtures
-
-    config.pluginmanager.register(fixtures, "lora-fixtures")
+    # The fixtures, the config-file checks and the rank sweep: plugins of their own, loaded once the settings
+    # are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans every installed
+    # distribution's entry points for each name listed there, which costs more than the modules themselves.
+    for module in ("fixtures", "adapter_check", "sweep"):
+        config.pluginmanager.import_plugin(f"pytest_lora.plugin.{module}")
     config.pluginmanager.register(LoraReporter(state), "lora-reporter")
     if config.pluginmanager.hasplugin("benchmark"):  # pytest-benchmark is active: lora_benchmark builds on it
         config.pluginmanager.import_plugin("pytest_lora.plugin.bench")
