@@ -223,7 +223,10 @@ def test_task_option_and_marker(lora_pytester: pytest.Pytester) -> None:
     result = lora_pytester.runpytest("--lora-task=TOKEN_CLS")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
-        ["*base model builtin:tiny-llama*loaded 1x*", "*base model builtin:tiny-llama*loaded 1x*"]
+        [
+            "*base model builtin:tiny-llama*loaded 1x in *s, as TOKEN_CLS",
+            "*base model builtin:tiny-llama*loaded 1x in *s",
+        ]
     )
 
 

@@ -272,9 +272,10 @@ class LoraReporter:
             for line in message.splitlines():
                 terminalreporter.write_line(f"    {line}")
         for key, loaded in session.bases.items():
+            task = f", as {loaded.task}" if loaded.task != "CAUSAL_LM" else ""  # one model, loaded per task
             terminalreporter.write_line(
                 f"base model {loaded.source.label} on {loaded.placement or loaded.device} ({loaded.quantization}): "
-                f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s"
+                f"loaded {session.loads[key]}x in {loaded.load_seconds:.2f}s{task}"
             )
         changed = self.state.changed_bases
         if changed:
