@@ -115,10 +115,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if state.session.settings.require_gpu:
         _require_gpu()
     config.stash[STATE] = state
-    # The fixtures, the config-file checks and the rank sweep: plugins of their own, loaded once the settings
-    # are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans every installed
-    # distribution's entry points for each name listed there, which costs more than the modules themselves.
-    for module in ("fixtures", "adapter_check", "sweep"):
+    # The fixtures, the rank sweep and (when files are named) the config-file checks: plugins of their own,
+    # loaded once the settings are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans
+    # every installed distribution's entry points for each name listed there, which costs more than the modules.
+    settings = state.session.settings
+    checks = ("adapter_check",) if settings.configs or settings.check else ()
+    for module in ("fixtures", "sweep", *checks):
         config.pluginmanager.import_plugin(f"pytest_lora.plugin.{module}")
     config.pluginmanager.register(LoraReporter(state), "lora-reporter")
     if config.pluginmanager.hasplugin("benchmark"):  # pytest-benchmark is active: lora_benchmark builds on it
@@ -177,7 +179,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests that use one of pytest-lora's fixtures (directly or through another fixture) are LoRA tests:
     mark them so `-m lora` selects them. A user's own `lora_*` fixture does not count."""
     for item in items:
-        if item.get_closest_marker(MARKER) is None and _uses_own_fixture(item):
+        if _uses_own_fixture(item) and item.get_closest_marker(MARKER) is None:
             item.add_marker(MARKER)
 
 
