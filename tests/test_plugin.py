@@ -55,8 +55,9 @@ def test_collect_only_without_lora_tests_loads_no_policy_or_model_code(pytester:
 def test_the_sessions_policy_is_active_while_its_tests_run_and_nested_runs_restore_it(
     lora_pytester: pytest.Pytester,
 ) -> None:
-    """The assertions' default policy is a ContextVar the plugin sets around the test loop: an in-process run
-    with a policy, and one without (the built-in defaults), each see their own, and the caller gets its back."""
+    """The assertions' default policy is the innermost session's: an in-process run with a policy, and one without
+    (the built-in defaults), each see their own, inside the caller's `use_policy` block too, and the caller gets
+    its back."""
     from pytest_lora import Policy, active_policy, use_policy
 
     lora_pytester.makepyfile(

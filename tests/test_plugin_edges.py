@@ -229,3 +229,60 @@ def test_a_sweep_hook_that_raises_loses_no_sweep_and_fails_the_session(lora_pyte
         ]
     )
     assert len(list((lora_pytester.path / "out").glob("*.json"))) == 2
+
+
+def test_the_team_policy_is_active_at_collection_and_session_finish_as_while_tests_run(
+    lora_pytester: pytest.Pytester,
+) -> None:
+    """README: the assertions' default is the session's policy, the built-in defaults only outside a pytest
+    session. Module-level code, a conftest's `pytest_generate_tests` and `pytest_sessionfinish` run inside the
+    session too: they must not get the defaults in silence (a parametrization by `active_policy().sweep.ranks`
+    would then list other ids under --collect-only and in the run than the team's policy says)."""
+    lora_pytester.makepyprojecttoml("[tool.pytest_lora.policy]\nalpha_ratio = 1.0\n")
+    lora_pytester.makeconftest(
+        """
+        from pytest_lora import active_policy
+
+        def pytest_generate_tests(metafunc):
+            if "ratio" in metafunc.fixturenames:
+                metafunc.parametrize("ratio", [active_policy().alpha_ratio], ids=lambda r: f"ratio={r}")
+
+        def pytest_sessionfinish(session):
+            print("at session finish: alpha_ratio", active_policy().alpha_ratio)
+        """
+    )
+    lora_pytester.makepyfile(
+        test_policy_windows="""
+        from pytest_lora import active_policy
+
+        AT_IMPORT = active_policy().alpha_ratio
+
+        def test_ratio(ratio):
+            assert (AT_IMPORT, ratio, active_policy().alpha_ratio) == (1.0, 1.0, 1.0)
+        """
+    )
+    collected = lora_pytester.runpytest("--collect-only", "-q")
+    collected.stdout.fnmatch_lines(["test_policy_windows.py::test_ratio[[]ratio=1.0[]]"])
+    result = lora_pytester.runpytest("-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*at session finish: alpha_ratio 1.0*"])
+
+
+@pytest.mark.parametrize(
+    ("args", "ini"),
+    [(["--lora-configs=a.json,,b.json"], ""), ([], "lora_configs = ,")],
+    ids=["command line", "ini"],
+)
+def test_an_empty_configs_entry_is_a_usage_error_as_for_lora_check(
+    lora_pytester: pytest.Pytester, args: list[str], ini: str
+) -> None:
+    """An empty entry in a comma list of config globs is a typo, as `--lora-check=` and `configs = [""]` in
+    pyproject.toml are (both usage errors): it must not be dropped in silence, which runs no check for
+    `lora_configs = ,`."""
+    if ini:
+        tox = lora_pytester.path / "tox.ini"
+        tox.write_text(tox.read_text() + f"\n{ini}\n")
+    lora_pytester.makepyfile("def test_plain():\n    pass\n")
+    result = lora_pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    result.stderr.fnmatch_lines(["*configs*empty entry*"])

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
@@ -21,6 +21,7 @@ from pytest_lora.core.curves import OverfitRule, PlateauRule
 from pytest_lora.core.defaults import DEFAULT_POLICY_SOURCE
 from pytest_lora.core.errors import PolicyError
 from pytest_lora.core.recipe import MemoryRecipe
+from pytest_lora.core.sessions import SESSIONS, PolicySource
 from pytest_lora.core.settings import (
     PYPROJECT_TABLE,
     check_ranks,
@@ -315,35 +316,25 @@ def load_policy(path: str | os.PathLike[str], where: str | None = None) -> Polic
 
 # --- the policy in force -----------------------------------------------------------------------------
 
-# The policy the assertions default to. A ContextVar rather than a plain global: the plugin sets it for its
-# session and resets it at the session's end, and `use_policy` restores it exactly, nested or not.
-_ACTIVE_POLICY: ContextVar[Policy] = ContextVar("pytest_lora_active_policy")
+# `use_policy`'s policy, in this thread (context) only, with the session it was set in (None: outside any): a
+# ContextVar, so nested blocks restore exactly; the session, so an in-process run inside the block (pytester)
+# checks against its own session's policy, not the caller's block.
+_ACTIVE_POLICY: ContextVar[tuple[Policy, PolicySource | None]] = ContextVar("pytest_lora_active_policy")
 _DEFAULT_POLICY = Policy()
-# The policies of the sessions in progress, innermost last: what a thread that a test starts sees (a new
-# thread does not inherit the ContextVar; it must not fall back to the defaults in silence). Pushed and
-# popped with the session, so no session's policy outlives it.
-_SESSION_POLICIES: list[Policy] = []
+
+
+def _innermost() -> PolicySource | None:
+    return SESSIONS[-1] if SESSIONS else None
 
 
 def active_policy() -> Policy:
-    """The policy the assertions default to: `use_policy`'s, else the session's (in any thread), else the
-    built-in defaults."""
-    return _ACTIVE_POLICY.get(_SESSION_POLICIES[-1] if _SESSION_POLICIES else _DEFAULT_POLICY)
-
-
-def set_active_policy(policy: Policy) -> Token[Policy]:
-    """Make `policy` the session's: the default of every assertion, in the threads its tests start too, until
-    `reset_active_policy(token)` (the plugin, per session; sessions nest, as pytester's in-process runs)."""
-    _SESSION_POLICIES.append(policy)
-    return _ACTIVE_POLICY.set(policy)
-
-
-def reset_active_policy(token: Token[Policy]) -> None:
-    """End the session that `set_active_policy` returned `token` for: the policy before it is back."""
-    try:
-        _ACTIVE_POLICY.reset(token)
-    finally:
-        _SESSION_POLICIES.pop()
+    """The policy the assertions default to: `use_policy`'s, else the pytest session's (in any thread, from
+    module import and collection to the session's end; `core.sessions`), else the built-in defaults."""
+    chosen = _ACTIVE_POLICY.get(None)
+    session = _innermost()
+    if chosen is not None and chosen[1] is session:
+        return chosen[0]
+    return session.policy if session is not None else _DEFAULT_POLICY
 
 
 @contextmanager
@@ -351,7 +342,7 @@ def use_policy(policy: Policy) -> Iterator[Policy]:
     """Temporarily check against another policy: `with use_policy(strict): assert_param_budget(m)`.
 
     In this thread (context) only: a thread started inside the block sees the session's policy."""
-    token = _ACTIVE_POLICY.set(policy)
+    token = _ACTIVE_POLICY.set((policy, _innermost()))
     try:
         yield policy
     finally:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_lora.core.errors import LoraAssertionError, LoraError, SettingsError
+from pytest_lora.core.sessions import SESSIONS, end_session
 from pytest_lora.core.settings import OPTIONS, Settings, argparse_type, read_pyproject, resolve_settings
 from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
@@ -115,6 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if state.session.settings.require_gpu:
         _require_gpu()
     config.stash[STATE] = state
+    SESSIONS.append(state.session)  # its policy: the assertions' default, built when first asked (core.sessions)
     # The fixtures, the rank sweep and (when files are named) the config-file checks: plugins of their own,
     # loaded once the settings are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans
     # every installed distribution's entry points for each name listed there, which costs more than the modules.
@@ -127,20 +129,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.import_plugin("pytest_lora.plugin.bench")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtestloop(session: pytest.Session) -> Any:
-    """While the tests run, the session's policy is the assertions' default (a ContextVar: an in-process run
-    nests, and gets back the outer one's after). `--collect-only` runs no test: the policy code stays unloaded."""
-    state = session.config.stash.get(STATE, None)
-    if state is None or session.config.option.collectonly:
-        return (yield)
-    from pytest_lora.core.policy import reset_active_policy, set_active_policy
-
-    token = set_active_policy(state.session.policy)
-    try:
-        return (yield)
-    finally:
-        reset_active_policy(token)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's policy stops being the assertions' default (an in-process run's caller gets its own back)."""
+    state = config.stash.get(STATE, None)
+    if state is not None:
+        end_session(state.session)
 
 
 def _require_gpu() -> None:
