@@ -266,23 +266,3 @@ def test_the_team_policy_is_active_at_collection_and_session_finish_as_while_tes
     result = lora_pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*at session finish: alpha_ratio 1.0*"])
-
-
-@pytest.mark.parametrize(
-    ("args", "ini"),
-    [(["--lora-configs=a.json,,b.json"], ""), ([], "lora_configs = ,")],
-    ids=["command line", "ini"],
-)
-def test_an_empty_configs_entry_is_a_usage_error_as_for_lora_check(
-    lora_pytester: pytest.Pytester, args: list[str], ini: str
-) -> None:
-    """An empty entry in a comma list of config globs is a typo, as `--lora-check=` and `configs = [""]` in
-    pyproject.toml are (both usage errors): it must not be dropped in silence, which runs no check for
-    `lora_configs = ,`."""
-    if ini:
-        tox = lora_pytester.path / "tox.ini"
-        tox.write_text(tox.read_text() + f"\n{ini}\n")
-    lora_pytester.makepyfile("def test_plain():\n    pass\n")
-    result = lora_pytester.runpytest(*args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
-    result.stderr.fnmatch_lines(["*configs*empty entry*"])
