@@ -16,7 +16,6 @@ from pytest_lora.plugin.adapter_check import CHECK_OPTION, RESUME_OPTION
 pytestmark = pytest.mark.lora
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "adapters"
-PLUGIN = ("-p", "pytest_lora.plugin.adapter_check")
 # A policy for the built-in tiny model (hidden size 64): adapters are a few percent of it.
 TINY_POLICY = """
 [tool.pytest_lora.policy]
@@ -48,7 +47,6 @@ def test_example_adapters_good_passes_bad_fails_with_a_diagnosis(lora_pytester: 
     """The shipped example: a Llama-2-7b-shaped base from its config.json alone, a good and a bad config."""
     shutil.copytree(EXAMPLES, lora_pytester.path / "adapters")
     result = lora_pytester.runpytest(
-        *PLUGIN,
         "adapters",
         "--lora-policy=adapters/policy.toml",
         f"{CHECK_OPTION}=adapters/good",
@@ -80,7 +78,7 @@ def test_pyproject_globs_marker_node_ids_and_selection(lora_pytester: pytest.Pyt
     (folder / "qv.json").write_text(json.dumps(GOOD))
     (folder / "all.json").write_text(json.dumps({**GOOD, "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}))
     lora_pytester.makepyfile("def test_plain():\n    pass\n")
-    result = lora_pytester.runpytest(*PLUGIN, "-v")
+    result = lora_pytester.runpytest("-v")
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -92,9 +90,9 @@ def test_pyproject_globs_marker_node_ids_and_selection(lora_pytester: pytest.Pyt
             "*AdapterConfigError: *pyproject.toml [[]tool.pytest_lora[]] configs: 'nowhere/*.toml' matches no file.",
         ]
     )
-    lora_pytester.runpytest(*PLUGIN, "-m", "lora", "-k", "qv").assert_outcomes(passed=1, deselected=3)
+    lora_pytester.runpytest("-m", "lora", "-k", "qv").assert_outcomes(passed=1, deselected=3)
     # An explicit path narrows the run: the configs globs apply to runs without path arguments, like testpaths.
-    lora_pytester.runpytest(*PLUGIN, "test_pyproject_globs_marker_node_ids_and_selection.py").assert_outcomes(passed=1)
+    lora_pytester.runpytest("test_pyproject_globs_marker_node_ids_and_selection.py").assert_outcomes(passed=1)
 
 
 def test_broken_files_fail_alone_and_the_others_are_still_checked(lora_pytester: pytest.Pytester) -> None:
@@ -108,7 +106,7 @@ def test_broken_files_fail_alone_and_the_others_are_still_checked(lora_pytester:
     )
     (lora_pytester.path / "good.toml").write_text('r = 8\nlora_alpha = 16\ntarget_modules = ["q_proj", "v_proj"]\n')
     names = ["broken.json", "broken.toml", "typo.json", "targets.toml", "values.toml", "good.toml", "missing.json"]
-    result = lora_pytester.runpytest(*PLUGIN, *(f"{CHECK_OPTION}={name}" for name in names))
+    result = lora_pytester.runpytest(*(f"{CHECK_OPTION}={name}" for name in names))
     result.assert_outcomes(passed=1, failed=6)
     result.stdout.fnmatch_lines_random(
         [
@@ -130,7 +128,7 @@ def test_saved_tensors_at_another_rank_than_the_config(lora_pytester: pytest.Pyt
     lora_pytester.makepyprojecttoml(TINY_POLICY)
     folder = _save_adapter(lora_pytester.path / "run-1", rank_pattern={"layers.0.self_attn.q_proj": 4})
     _edit_config(folder, r=16, lora_alpha=32)
-    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1")
+    result = lora_pytester.runpytest(f"{CHECK_OPTION}=run-1")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -147,8 +145,8 @@ def test_saved_tensors_at_another_rank_than_the_config(lora_pytester: pytest.Pyt
 def test_saved_adapter_consistent_passes_and_a_planned_resume_is_checked(lora_pytester: pytest.Pytester) -> None:
     lora_pytester.makepyprojecttoml(TINY_POLICY)
     _save_adapter(lora_pytester.path / "run-1")
-    lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1/adapter_config.json").assert_outcomes(passed=1)
-    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1", f"{RESUME_OPTION}=16")
+    lora_pytester.runpytest(f"{CHECK_OPTION}=run-1/adapter_config.json").assert_outcomes(passed=1)
+    result = lora_pytester.runpytest(f"{CHECK_OPTION}=run-1", f"{RESUME_OPTION}=16")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -158,10 +156,10 @@ def test_saved_adapter_consistent_passes_and_a_planned_resume_is_checked(lora_py
         ]
     )
     lora_pytester.makepyprojecttoml(TINY_POLICY + "resume_rank = 8\n")
-    lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=run-1").assert_outcomes(passed=1)
+    lora_pytester.runpytest(f"{CHECK_OPTION}=run-1").assert_outcomes(passed=1)
     # both as [tool.pytest_lora] keys: the file checked, and the message says where the rank came from
     lora_pytester.makepyprojecttoml('[tool.pytest_lora]\ncheck = ["run-1"]\nresume_rank = 16\n' + TINY_POLICY)
-    result = lora_pytester.runpytest(*PLUGIN)
+    result = lora_pytester.runpytest()
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*planned resume at r = 16 (*pyproject.toml [[]tool.pytest_lora] resume_rank), but*"])
 
@@ -176,7 +174,7 @@ def test_adapter_for_another_base_is_caught_from_the_header(lora_pytester: pytes
     )
     other = lora_pytester.mkdir("other")
     (other / "config.json").write_text(json.dumps({**TINY_LLAMA_CONFIG, "hidden_size": 128, "intermediate_size": 256}))
-    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=wide")
+    result = lora_pytester.runpytest(f"{CHECK_OPTION}=wide")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -192,7 +190,7 @@ def test_pickled_weights_are_reported_never_unpickled(lora_pytester: pytest.Pyte
     folder = lora_pytester.mkdir("legacy")
     (folder / "adapter_config.json").write_text(json.dumps(GOOD))
     (folder / "adapter_model.bin").write_bytes(b"not a pickle: unpickling this would raise")
-    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=legacy")
+    result = lora_pytester.runpytest(f"{CHECK_OPTION}=legacy")
     result.assert_outcomes(passed=1, warnings=1)
     result.stdout.fnmatch_lines(
         ["*LoraPolicyWarning: */legacy/adapter_model.bin: pickled weights, not read (unpickling can run arbitrary*"]
@@ -229,7 +227,7 @@ def test_globs_stay_inside_the_project_and_survive_a_symlink_loop(
     patterns = ["loop/**/adapter_config.json", escape, f"{outside}/*.json", "*/stray.json"]
     lora_pytester.makepyprojecttoml(TINY_POLICY + f"\n[tool.pytest_lora]\nconfigs = {json.dumps(patterns)}\n")
     # pytest's own directory walk follows links too: keep it out of the loop (a real project has testpaths)
-    result = lora_pytester.runpytest(*PLUGIN, "-v", "-o", "norecursedirs=*")
+    result = lora_pytester.runpytest("-v", "-o", "norecursedirs=*")
     result.assert_outcomes(passed=1, failed=3)
     table = f"{lora_pytester.path / 'pyproject.toml'} [[]tool.pytest_lora[]] configs"
     result.stdout.fnmatch_lines_random(
@@ -249,9 +247,7 @@ def test_globs_stay_inside_the_project_and_survive_a_symlink_loop(
         )
         == 3
     )
-    explicit = lora_pytester.runpytest(
-        *PLUGIN, f"{CHECK_OPTION}={outside / 'stray.json'}", "-v", "-o", "norecursedirs=*"
-    )
+    explicit = lora_pytester.runpytest(f"{CHECK_OPTION}={outside / 'stray.json'}", "-v", "-o", "norecursedirs=*")
     explicit.assert_outcomes(passed=2, failed=3)  # the same three patterns refused, the named file checked
     explicit.stdout.fnmatch_lines([f"{outside}/stray.json PASSED*"])
 
@@ -263,7 +259,7 @@ def test_a_glob_that_walks_too_far_fails_by_name(lora_pytester: pytest.Pytester,
     for name in "abcde":
         lora_pytester.mkdir(name)
     lora_pytester.makepyprojecttoml(TINY_POLICY + '\n[tool.pytest_lora]\nconfigs = ["**/*.json"]\n')
-    result = lora_pytester.runpytest(*PLUGIN)
+    result = lora_pytester.runpytest()
     result.assert_outcomes(failed=1)
     assert "matches no file" not in result.stdout.str()
     result.stdout.fnmatch_lines(
@@ -359,7 +355,7 @@ def test_damaged_weights_are_reported_as_corrupt_not_as_another_rank(lora_pytest
     _rewrite(edited / "adapter_model.safetensors", _set_shape(Q_A, [16, 64]))
     truncated = _save_adapter(lora_pytester.path / "truncated")
     _cut(truncated / "adapter_model.safetensors", lambda data: len(data) // 2)
-    result = lora_pytester.runpytest(*PLUGIN, f"{CHECK_OPTION}=edited", f"{CHECK_OPTION}=truncated")
+    result = lora_pytester.runpytest(f"{CHECK_OPTION}=edited", f"{CHECK_OPTION}=truncated")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines_random(
         [

@@ -337,7 +337,7 @@ def test_train_benchmark_and_the_policys_sweep_take_a_file(lora_pytester: pytest
         'dataset = "data/pairs.jsonl"\n'
     )
     lora_pytester.makepyfile(RUNNERS)
-    result = lora_pytester.runpytest("-p", "pytest_lora.plugin.sweep", "--benchmark-disable", "--lora-sweep-dir=out")
+    result = lora_pytester.runpytest("--benchmark-disable", "--lora-sweep-dir=out")
     result.assert_outcomes(passed=5)
     (report,) = (root / "out").glob("*.json")
     assert json.loads(report.read_text())["dataset"].startswith(f"{root / 'data' / 'pairs.jsonl'} (pairs, bytes")

@@ -40,7 +40,7 @@ def test_sweep(lora_sweep):
 def test_the_readme_conftest_sets_the_peak_and_logs_each_sweep(lora_pytester: pytest.Pytester) -> None:
     shutil.copy(EXAMPLE, lora_pytester.path / "conftest.py")
     lora_pytester.makepyfile(test_team=TESTS)
-    result = lora_pytester.runpytest("-p", "pytest_lora.plugin.sweep", "--lora-sweep-dir=out", "--benchmark-disable")
+    result = lora_pytester.runpytest("--lora-sweep-dir=out", "--benchmark-disable")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         ["*lora rank sweep*", "test_team.py::test_sweep:", "*chosen rank: r=2*", "  logged to sweeps.jsonl"]

@@ -181,7 +181,7 @@ def test_ranks_from_the_command_line_and_the_marker_make_the_items(lora_pytester
             pass
         """
     )
-    result = lora_pytester.runpytest("-p", "pytest_lora.plugin.sweep", "--collect-only", "-q")
+    result = lora_pytester.runpytest("--collect-only", "-q")
     result.stdout.fnmatch_lines(
         [
             "*::test_default[[]r=4]",
@@ -191,7 +191,7 @@ def test_ranks_from_the_command_line_and_the_marker_make_the_items(lora_pytester
             "*::test_marked[[]r=32]",
         ]
     )
-    result = lora_pytester.runpytest("-p", "pytest_lora.plugin.sweep", "--collect-only", "-q", "--lora-sweep", "1,64")
+    result = lora_pytester.runpytest("--collect-only", "-q", "--lora-sweep", "1,64")
     result.stdout.fnmatch_lines(["*::test_default[[]r=1]", "*::test_default[[]r=64]", "*::test_marked[[]r=2]"])
 
 
@@ -263,7 +263,7 @@ def test_sweep_items_choose_the_same_rank_serially_and_under_xdist(lora_pytester
     lora_pytester.makepyprojecttoml("[tool.pytest_lora.policy.sweep]\nsteps = 3\n")
     lora_pytester.makepyfile(test_sweeps=SWEEPS, test_planted=PLANTED)
     serial_dir, xdist_dir = lora_pytester.path / "serial", lora_pytester.path / "xdist"
-    in_order = ("-p", "pytest_lora.plugin.sweep", "-p", "no:randomly")
+    in_order = ("-p", "no:randomly")
     result = lora_pytester.runpytest(*in_order, f"{SWEEP_DIR_OPTION}={serial_dir}")
     result.assert_outcomes(passed=7, failed=3)
     result.stdout.fnmatch_lines(
@@ -354,7 +354,7 @@ def test_sweep_is_logged_to_mlflow_one_run_per_rank_plus_the_decision(lora_pytes
     # MLflow runs in subprocesses only: importing its store here (SQLAlchemy, Alembic, Jinja2) and letting
     # pytester's module snapshot drop part of it breaks later in-process runs of other tests.
     result = lora_pytester.runpytest_subprocess(
-        "-p", "pytest_lora.plugin.sweep", f"{SWEEP_DIR_OPTION}={lora_pytester.path / 'out'}", "--lora-mlflow", uri
+        f"{SWEEP_DIR_OPTION}={lora_pytester.path / 'out'}", "--lora-mlflow", uri
     )
     result.assert_outcomes(passed=4, failed=2)
     result.stdout.fnmatch_lines([f"  MLflow: logged to {uri} (decision run *, one child run per rank)"])
@@ -374,7 +374,7 @@ def test_mlflow_option_without_mlflow_is_a_usage_error(lora_pytester: pytest.Pyt
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    result = lora_pytester.runpytest("-p", "pytest_lora.plugin.sweep", "--lora-mlflow", "sqlite:///x.db")
+    result = lora_pytester.runpytest("--lora-mlflow", "sqlite:///x.db")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--lora-mlflow sqlite:///x.db: MLflow is not installed.*"])
 
@@ -411,8 +411,6 @@ def test_the_planted_sweep_chooses_the_same_rank_in_random_orders(lora_pytester:
     for seed in (1, 2, 3):
         directory = lora_pytester.path / f"seed-{seed}"
         result = lora_pytester.runpytest(
-            "-p",
-            "pytest_lora.plugin.sweep",
             "-p",
             "randomly",
             f"--randomly-seed={seed}",
