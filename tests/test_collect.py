@@ -95,6 +95,30 @@ def test_pyproject_globs_marker_node_ids_and_selection(lora_pytester: pytest.Pyt
     lora_pytester.runpytest("test_pyproject_globs_marker_node_ids_and_selection.py").assert_outcomes(passed=1)
 
 
+@pytest.mark.parametrize(
+    ("args", "ini", "origin"),
+    [
+        (["--lora-configs", "nowhere/*.toml"], "", "--lora-configs"),
+        (["--lora-configs=nowhere/*.toml"], "", "--lora-configs"),
+        ([], "lora_configs = nowhere/*.toml", "ini option lora_configs"),
+    ],
+    ids=["flag value", "flag=value", "ini"],
+)
+def test_a_glob_is_named_where_it_was_written(
+    lora_pytester: pytest.Pytester, args: list[str], ini: str, origin: str
+) -> None:
+    """A `configs` pattern from the command line or the ini file is not reported as a pyproject key."""
+    lora_pytester.makepyprojecttoml(TINY_POLICY)
+    if ini:
+        tox = lora_pytester.path / "tox.ini"
+        tox.write_text(tox.read_text() + f"\n{ini}\n")
+    lora_pytester.makepyfile("def test_plain():\n    pass\n")
+    result = lora_pytester.runpytest(*args)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([f"AdapterConfigError: {origin}: 'nowhere/[*].toml' matches no file."])
+    assert "[tool.pytest_lora] configs" not in result.stdout.str()
+
+
 def test_broken_files_fail_alone_and_the_others_are_still_checked(lora_pytester: pytest.Pytester) -> None:
     lora_pytester.makepyprojecttoml(TINY_POLICY)
     (lora_pytester.path / "broken.json").write_text('{"r": 8,, "lora_alpha": 16}')

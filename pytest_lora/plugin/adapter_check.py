@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_lora.core.errors import AdapterConfigError, LoraPolicyWarning
-from pytest_lora.core.settings import PYPROJECT_TABLE, Settings
+from pytest_lora.core.settings import Settings
 from pytest_lora.plugin.state import MARKER, STATE
 
 if TYPE_CHECKING:  # loaded when a config file is checked, not with the plugin
@@ -108,16 +108,16 @@ def _targets(config: pytest.Config) -> dict[str, Target]:
             name = _display(path, config.rootpath)
         found.setdefault(name, (path, origin, problem))
 
+    settings = state.session.settings
     if config.args_source is not pytest.Config.ArgsSource.ARGS:
         root = Path(state.pyproject).parent if state.pyproject else config.rootpath
-        origin = f"{state.pyproject or 'pyproject.toml'} [{PYPROJECT_TABLE}] configs"
-        for pattern in state.session.settings.configs:
+        origin = settings.origin("configs")  # where the patterns were written: pyproject, ini or command line
+        for pattern in settings.configs:
             matches, problem = _glob(root, pattern, origin)
             for match in matches:
                 add(match, str(match), origin)
             if problem:
                 add(None, pattern, origin, problem)
-    settings = state.session.settings
     for text in settings.check:  # relative: to the pyproject (resolved in the settings) or the invocation dir
         add(config.invocation_params.dir / text, text, settings.origin("check"))
     return found
