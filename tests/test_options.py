@@ -87,21 +87,22 @@ def test_mlflow_from_the_pyproject_without_mlflow_names_the_key(lora_pytester: p
     )
 
 
-def test_a_bad_model_from_a_marker_names_the_marker(lora_pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [("./no/such/dir", "no such directory"), ("builtin:nope", "no built-in model of that name")],
+    ids=["directory", "builtin"],
+)
+def test_a_bad_model_from_a_marker_names_the_marker(lora_pytester: pytest.Pytester, model: str, problem: str) -> None:
     lora_pytester.makepyfile(
-        """
+        f"""
         import pytest
 
-        @pytest.mark.lora(model="./no/such/dir")
+        @pytest.mark.lora(model={model!r})
         def test_it(lora_model):
             pass
         """
     )
     result = lora_pytester.runpytest()
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*ModelLoadError: @pytest.mark.lora(model='./no/such/dir') on "
-            "test_a_bad_model_from_a_marker_names_the_marker.py::test_it: no such directory*"
-        ]
-    )
+    result.stdout.fnmatch_lines([f"*ModelLoadError: @pytest.mark.lora(model={model!r}) on *::test_it: {problem}*"])
+    assert f"--lora-model {model}" not in result.stdout.str()  # the flag was never typed

@@ -50,24 +50,6 @@ def test_a_device_set_in_pyproject_is_named_as_pyproject_in_the_error(lora_pytes
     assert "--lora-device cuda" not in result.stdout.str()
 
 
-def test_an_unknown_builtin_model_from_a_marker_is_named_as_the_marker(lora_pytester: pytest.Pytester) -> None:
-    lora_pytester.makepyfile(
-        """
-        import pytest
-
-        @pytest.mark.lora(model="builtin:nope")
-        def test_model(lora_model):
-            pass
-        """
-    )
-    result = lora_pytester.runpytest()
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(
-        ["*@pytest.mark.lora(model='builtin:nope') on test_an_unknown_builtin_model*: no built-in model*"]
-    )
-    assert "--lora-model builtin:nope" not in result.stdout.str()
-
-
 def test_the_readme_hooks_conftest_works_with_the_plugin_disabled(pytester: pytest.Pytester) -> None:
     """A team's conftest implementing pytest-lora's hooks must not break `pytest -p no:lora` (or a run where
     pytest-lora is not installed) with pluggy's "unknown hook" INTERNALERROR: the documented fix is
