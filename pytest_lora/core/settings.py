@@ -365,7 +365,7 @@ class Parser(Protocol):
     def __call__(self, value: object, key: str | None = None) -> object: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # registry entries, looked up by name, never compared
 class OptionSpec:
     """One setting: its CLI flag, ini key, `[tool.pytest_lora]` key, parser, default and help.
 

@@ -40,7 +40,7 @@ def model_key(settings: Settings) -> tuple[Any, ...]:
     return tuple(getattr(settings, name) for name in _MODEL_KEYS)
 
 
-@dataclass
+@dataclass(eq=False)  # a pool is itself: two sessions with equal settings are two pools
 class BaseModelPool:
     """Base models by key, loaded lazily on first use; load counts and digests for the checks."""
 

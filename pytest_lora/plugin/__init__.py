@@ -20,7 +20,7 @@ from pytest_lora.core.settings import OPTIONS, Settings, argparse_type, read_pyp
 from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
 from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
-from pytest_lora.plugin.xdist import is_worker, worker
+from pytest_lora.plugin.xdist import distributes, is_worker, worker
 
 if TYPE_CHECKING:  # the report formats load with the first test report, the policy code with a policy
     from pytest_lora.core.policy import Policy
@@ -113,20 +113,26 @@ def pytest_configure(config: pytest.Config) -> None:
         state = _resolve(config)
     except SettingsError as exc:  # PolicyError included
         raise pytest.UsageError(f"pytest-lora: {exc}") from None
-    if state.session.settings.require_gpu:
+    settings = state.session.settings
+    if settings.require_gpu:
         _require_gpu()
+    if settings.mlflow:
+        _require_mlflow(settings)
     config.stash[STATE] = state
     SESSIONS.append(state.session)  # its policy: the assertions' default, built when first asked (core.sessions)
-    # The fixtures, the rank sweep and (when files are named) the config-file checks: plugins of their own,
-    # loaded once the settings are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans
-    # every installed distribution's entry points for each name listed there, which costs more than the modules.
-    settings = state.session.settings
+    # The fixtures and (when files are named) the config-file checks: plugins of their own, loaded once the
+    # settings are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans every installed
+    # distribution's entry points for each name listed there, which costs more than the modules.
     checks = ("adapter_check",) if settings.configs or settings.check else ()
-    for module in ("fixtures", "sweep", *checks):
+    for module in ("fixtures", *checks):
         config.pluginmanager.import_plugin(f"pytest_lora.plugin.{module}")
     config.pluginmanager.register(LoraReporter(state), "lora-reporter")
     if config.pluginmanager.hasplugin("benchmark"):  # pytest-benchmark is active: lora_benchmark builds on it
         config.pluginmanager.import_plugin("pytest_lora.plugin.bench")
+    if distributes(config):  # the xdist controller collects nothing: no sweep item starts its recorder there
+        from pytest_lora.plugin.sweep import record_sweeps
+
+        record_sweeps(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -134,6 +140,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
         end_session(state.session)
+
+
+def _require_mlflow(settings: Settings) -> None:
+    """`--lora-mlflow` without MLflow installed is a usage error before any test runs, not a lost sweep."""
+    from pytest_lora.integrations.mlflow import require_mlflow
+
+    try:
+        require_mlflow(settings.describe("mlflow"))
+    except SettingsError as exc:
+        raise pytest.UsageError(f"pytest-lora: {exc}") from None
 
 
 def _require_gpu() -> None:

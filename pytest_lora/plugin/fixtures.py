@@ -1,8 +1,9 @@
-"""pytest-lora's fixtures: the shared 4-bit base, the adapter factory, the short training run.
+"""pytest-lora's fixtures: the shared 4-bit base, the adapter factory, the short training run, the rank sweep.
 
-Thin on purpose: each fixture asks the session registry (`session.py`) for a base model and
+Thin on purpose: each fixture asks the base-model pool (`model.base_pool`) for a base model and
 hands the work to the torch-side modules. Function-scoped factories detach what they
-attached at teardown, whether the test passed or failed.
+attached at teardown, whether the test passed or failed. (`lora_benchmark` is in `plugin.bench`, registered
+only when pytest-benchmark is active.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS
+from pytest_lora.core.errors import SettingsError
 from pytest_lora.plugin.state import STATE, node_settings
 
 if TYPE_CHECKING:
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     from pytest_lora.model.adapters import AdapterManager
     from pytest_lora.model.base_pool import BaseModelPool
     from pytest_lora.plugin.fixture_types import LoraModelFactory, LoraTrain
+    from pytest_lora.plugin.sweep import SweepRun
+
+RANK_FIXTURE = "lora_sweep_rank"
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +137,43 @@ def lora_train(lora_settings: Settings, lora_model: LoraModelFactory) -> LoraTra
         )
 
     return run
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One item per rank for every test that (indirectly) uses `lora_sweep_rank`; the first one starts the
+    sweep's recorder, so a session without sweeps never loads `plugin.sweep`."""
+    if RANK_FIXTURE not in metafunc.fixturenames:
+        return
+    session = metafunc.config.stash[STATE].session
+    try:
+        ranks = node_settings(metafunc.definition).sweep or session.policy.sweep.ranks
+    except SettingsError as exc:  # a bad marker keyword: the message alone, as at any other test's setup
+        raise pytest.Collector.CollectError(f"{type(exc).__name__}: {exc}") from None
+    metafunc.parametrize(RANK_FIXTURE, ranks, ids=[f"r={rank}" for rank in ranks], indirect=True)
+    from pytest_lora.plugin.sweep import record_sweeps
+
+    record_sweeps(metafunc.config)
+
+
+@pytest.fixture
+def lora_sweep_rank(request: pytest.FixtureRequest) -> int:
+    """The rank of this sweep item (from `--lora-sweep`, the `sweep` marker keyword or the policy)."""
+    return int(request.param)
+
+
+@pytest.fixture
+def lora_sweep(
+    request: pytest.FixtureRequest,
+    lora_sweep_rank: int,
+    lora_session: BaseModelPool,
+    lora_settings: Settings,
+    lora_train: LoraTrain,
+) -> SweepRun:
+    """`lora_sweep.run(config)`: this item's short training run at `lora_sweep.rank`, recorded for the choice.
+
+    `config` is a LoraConfig or a mapping of its fields; a mapping may leave out r (set to the rank)
+    and lora_alpha (set to what the policy asks for at that rank).
+    """
+    from pytest_lora.plugin.sweep import start_run
+
+    return start_run(request.node, lora_sweep_rank, lora_session, lora_settings, lora_train)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 MARKER = "lora"
 
 
-@dataclass
+@dataclass(eq=False)  # one per session, never compared by value
 class LoraState:
     """What `pytest_configure` resolved: the session registry (settings, policy) and the pyproject used."""
 

@@ -1,6 +1,6 @@
-"""The rank sweep in pytest: one parametrized item per rank, and the chosen rank at the end of the session.
+"""The rank sweep's run and choice: the `lora_sweep` object, and the recorder that decides at the session's end.
 
-A test that takes the `lora_sweep` fixture runs once per rank (`--lora-sweep 4,8,16`, the
+A test that takes the `lora_sweep` fixture (`plugin.fixtures`) runs once per rank (`--lora-sweep 4,8,16`, the
 `sweep` marker keyword, or the policy's `sweep.ranks`), so pytest-xdist spreads the ranks over
 workers and GPUs. Each item trains briefly on a fraction of the data and records its validation
 metric and training time in the test report's `user_properties`; reports travel from xdist
@@ -8,6 +8,9 @@ workers to the controller, which applies the rule (`pytest_lora.core.sweep`) exa
 would, writes the JSON / Markdown / PNG report and names the chosen rank in the terminal summary.
 The default data is the planted-rank task (`pytest_lora.model.planted`): the summary then says whether the
 sweep found the planted rank, a calibration of the whole pipeline.
+
+Not a plugin module of its own: the first sweep item collected (or, under xdist, the controller at configure)
+calls `record_sweeps`, so a session without sweeps never loads this module.
 """
 
 from __future__ import annotations
@@ -26,85 +29,52 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_lora.core.defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_SEQ_LEN
-from pytest_lora.core.errors import AdapterConfigError, PolicyError, SettingsError
-from pytest_lora.core.settings import Settings
-from pytest_lora.integrations.mlflow import MlflowSweepLogger, require_mlflow
-from pytest_lora.plugin.state import STATE, node_settings
+from pytest_lora.core.errors import AdapterConfigError, PolicyError
+from pytest_lora.plugin.state import STATE
 from pytest_lora.plugin.xdist import is_worker
 
 if TYPE_CHECKING:
     from pytest_lora.core.policy import SweepRule
+    from pytest_lora.core.settings import Settings
     from pytest_lora.core.sweep import SweepDecision
     from pytest_lora.model.base_pool import BaseModelPool
-    from pytest_lora.plugin.fixture_types import LoraTrain
 
 SWEEP_DIR_OPTION = "--lora-sweep-dir"
 SWEEP_PROPERTY = "lora_sweep"  # user_properties key of a rank's result
 ITEM_PROPERTY = "lora_sweep_item"  # ... of every sweep item, so a failed rank is known too
-RANK_FIXTURE = "lora_sweep_rank"
 DEFAULT_SWEEP_DIR = ".lora-sweep"
+_RECORDER = "lora-sweep-recorder"
 _WARMUP_STEPS = 1
 _warm_bases: weakref.WeakSet[Any] = weakref.WeakSet()  # base models this process has trained on once
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_configure(config: pytest.Config) -> None:
-    """The controller (or a serial run) gathers the per-rank results; xdist workers only send them."""
-    state = config.stash.get(STATE, None)
-    if state is None:
+def record_sweeps(config: pytest.Config) -> None:
+    """Gather the ranks' results in this process from now on (once per session): the controller under
+    pytest-xdist, else the serial run. An xdist worker only sends them, in its reports."""
+    if is_worker(config) or config.pluginmanager.has_plugin(_RECORDER):
         return
-    settings = state.session.settings
-    if settings.mlflow:
-        try:
-            require_mlflow(settings.describe("mlflow"))
-        except SettingsError as exc:
-            raise pytest.UsageError(f"pytest-lora: {exc}") from None
-    if not is_worker(config):
-        config.pluginmanager.register(SweepRecorder(config), "lora-sweep-recorder")
-        if settings.mlflow:  # the first user of the `pytest_lora_sweep_decided` hook
-            config.pluginmanager.register(MlflowSweepLogger(settings.mlflow), "lora-mlflow")
+    config.pluginmanager.register(SweepRecorder(config), _RECORDER)
+    uri = config.stash[STATE].session.settings.mlflow
+    if uri:  # the first user of the `pytest_lora_sweep_decided` hook
+        from pytest_lora.integrations.mlflow import MlflowSweepLogger
+
+        config.pluginmanager.register(MlflowSweepLogger(uri), "lora-mlflow")
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """One item per rank for every test that (indirectly) uses `lora_sweep_rank`."""
-    if RANK_FIXTURE not in metafunc.fixturenames:
-        return
-    session = metafunc.config.stash[STATE].session
-    try:
-        ranks = node_settings(metafunc.definition).sweep or session.policy.sweep.ranks
-    except SettingsError as exc:  # a bad marker keyword: the message alone, as at any other test's setup
-        raise pytest.Collector.CollectError(f"{type(exc).__name__}: {exc}") from None
-    metafunc.parametrize(RANK_FIXTURE, ranks, ids=[f"r={rank}" for rank in ranks], indirect=True)
-
-
-@pytest.fixture
-def lora_sweep_rank(request: pytest.FixtureRequest) -> int:
-    """The rank of this sweep item (from `--lora-sweep`, the `sweep` marker keyword or the policy)."""
-    return int(request.param)
-
-
-@pytest.fixture
-def lora_sweep(
-    request: pytest.FixtureRequest,
-    lora_sweep_rank: int,
-    lora_session: BaseModelPool,
-    lora_settings: Settings,
-    lora_train: LoraTrain,
+def start_run(
+    item: pytest.Item, rank: int, session: BaseModelPool, settings: Settings, train: Callable[..., Any]
 ) -> SweepRun:
-    """`lora_sweep.run(config)`: this item's short training run at `lora_sweep.rank`, recorded for the choice.
-
-    `config` is a LoraConfig or a mapping of its fields; a mapping may leave out r (set to the rank)
-    and lora_alpha (set to what the policy asks for at that rank).
-    """
-    group = sweep_group(request.node)
-    request.node.user_properties.append((ITEM_PROPERTY, {"group": group, "rank": lora_sweep_rank}))
+    """The `lora_sweep` fixture's object for this item, which is marked as a sweep item in its report
+    (so a rank that fails before recording is still known to the choice)."""
+    group = sweep_group(item)
+    item.user_properties.append((ITEM_PROPERTY, {"group": group, "rank": rank}))
     return SweepRun(
-        rank=lora_sweep_rank,
-        rule=lora_session.policy.sweep,
-        settings=lora_settings,
-        session=lora_session,
-        train=lora_train,
-        record=lambda point: request.node.user_properties.append((SWEEP_PROPERTY, point)),
+        rank=rank,
+        rule=session.policy.sweep,
+        settings=settings,
+        session=session,
+        train=train,
+        record=lambda point: item.user_properties.append((SWEEP_PROPERTY, point)),
         group=group,
     )
 

@@ -1,4 +1,4 @@
-"""pytest-xdist, in one place: which process is a worker.
+"""pytest-xdist, in one place: which process is a worker, and which the controller of a distributed run.
 
 Results travel from the workers to the controller in the test reports' `user_properties`, so what is
 gathered once per session (the JSON report, the rank sweep's decision) is done by the controller or a
@@ -17,6 +17,15 @@ from pytest_lora.core.settings import Worker
 def is_worker(config: pytest.Config) -> bool:
     """Whether this process is a pytest-xdist worker (xdist sets `workerinput` on a worker's config)."""
     return hasattr(config, "workerinput")
+
+
+def distributes(config: pytest.Config) -> bool:
+    """Whether this process is the controller of a distributed run (`-n 4`): it runs and collects no test,
+    so what gathers results over the session starts at configure. Read as xdist decides it (`--dist`, `--tx`,
+    set from `-n` before configure); `--collect-only` distributes nothing."""
+    option = config.option
+    dist, tx = getattr(option, "dist", "no"), getattr(option, "tx", None)
+    return not is_worker(config) and dist != "no" and bool(tx) and not option.collectonly
 
 
 def worker(config: pytest.Config) -> Worker | None:

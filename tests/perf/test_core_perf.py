@@ -8,6 +8,7 @@ to `--benchmark-json`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -60,12 +61,24 @@ def test_attach_detach_vs_base_load(benchmark, base_settings):
     print(f"\nattach+detach {attach * 1e3:.1f} ms, base load {load * 1e3:.1f} ms: ratio {attach / load:.3f}")
 
 
+# A fresh interpreter as users start one: bytecode caches written and read (an environment that forbids them would
+# recompile the plugin's modules on every run), and numpy's BLAS without spinning helper threads (pytest-randomly
+# imports numpy to reseed it; on a small runner those threads take turns with the run being timed).
+_COLLECT_ENV = {
+    **{key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"},
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
 def _collect(project, *extra: str) -> float:
     """Seconds of one `pytest --collect-only` in `project`, in a fresh interpreter."""
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *extra],
         cwd=project,
+        env=_COLLECT_ENV,
         check=True,
         capture_output=True,
     )
@@ -94,7 +107,7 @@ def test_collect_only_cost_of_the_plugin(benchmark, tmp_path):
     _collect(tmp_path)  # warm-up of both: bytecode caches, page cache
     _collect(tmp_path, "-p", "no:lora")
     benchmark.group = "core: --collect-only of 200 tests, plugin on and -p no:lora"
-    benchmark.pedantic(pair, rounds=26)
+    benchmark.pedantic(pair, rounds=50)
     with_plugin, without = statistics.median(on), statistics.median(off)
     # the median of each round's own difference: a slow stretch of the machine hits both halves of a round
     ratio = 1 + statistics.median(a - b for a, b in zip(on, off, strict=True)) / without
