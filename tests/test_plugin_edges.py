@@ -248,3 +248,16 @@ def test_the_team_policy_is_active_at_collection_and_session_finish_as_while_tes
     result = lora_pytester.runpytest("-s")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*at session finish: alpha_ratio 1.0*"])
+
+
+def test_the_sweep_section_follows_the_lora_section_whenever_its_recorder_was_registered(
+    lora_pytester: pytest.Pytester,
+) -> None:
+    """The sweep's recorder is registered when the first sweep item is collected, after the `lora` reporter;
+    pluggy calls the later plugin first, which put the sweep's decision above the `lora` section (it was below it
+    while the recorder loaded at configure). The order is the reporter's to set, not the registration's."""
+    lora_pytester.makepyfile(test_sweeps=SWEEPS)
+    result = lora_pytester.runpytest("--lora-sweep-dir=out")
+    result.assert_outcomes(passed=2)
+    headers = [line.strip("= ") for line in result.outlines if line.startswith("=") and " lora" in line]
+    assert headers == ["lora", "lora rank sweep"], headers

@@ -273,6 +273,7 @@ class LoraReporter:
 
             self.runs += records_from_properties(report.user_properties)
 
+    @pytest.hookimpl(tryfirst=True)  # above the rank sweep's section, registered later (with its first item)
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         session = self.state.session
         if not (session.bases or self.xfails or self.runs):
