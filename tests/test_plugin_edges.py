@@ -261,3 +261,20 @@ def test_the_sweep_section_follows_the_lora_section_whenever_its_recorder_was_re
     result.assert_outcomes(passed=2)
     headers = [line.strip("= ") for line in result.outlines if line.startswith("=") and " lora" in line]
     assert headers == ["lora", "lora rank sweep"], headers
+
+
+def test_a_blocked_sweep_recorder_leaves_the_sweep_items_running_with_mlflow_on(lora_pytester: pytest.Pytester) -> None:
+    """`-p no:lora-sweep-recorder` (pytest's way to switch a named plugin off: the sweep items run as plain tests,
+    no report is written) with `--lora-mlflow`: each sweep test's parametrization starts the recorder, which must
+    happen once, not register the MLflow logger a second time (a collection error: name already registered)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.skip("needs pytest-lora[mlflow]")
+    lora_pytester.makepyfile(test_sweeps=SWEEPS)
+    result = lora_pytester.runpytest(
+        "-p", "no:lora-sweep-recorder", "--lora-mlflow", f"sqlite:///{lora_pytester.path / 'mlflow.db'}"
+    )
+    result.assert_outcomes(passed=2)
+    assert "lora rank sweep" not in result.stdout.str()
+    assert not (lora_pytester.path / ".lora-sweep").exists()

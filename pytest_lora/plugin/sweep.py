@@ -50,15 +50,17 @@ _warm_bases: weakref.WeakSet[Any] = weakref.WeakSet()  # base models this proces
 
 def record_sweeps(config: pytest.Config) -> None:
     """Gather the ranks' results in this process from now on (once per session): the controller under
-    pytest-xdist, else the serial run. An xdist worker only sends them, in its reports."""
-    if is_worker(config) or config.pluginmanager.has_plugin(_RECORDER):
+    pytest-xdist, else the serial run. An xdist worker only sends them, in its reports. `-p no:lora-sweep-recorder`
+    blocks the registration: then nothing is recorded (nor logged to MLflow), however many sweeps are collected."""
+    plugins = config.pluginmanager
+    if is_worker(config) or plugins.has_plugin(_RECORDER) or plugins.is_blocked(_RECORDER):
         return
-    config.pluginmanager.register(SweepRecorder(config), _RECORDER)
+    plugins.register(SweepRecorder(config), _RECORDER)
     uri = config.stash[STATE].session.settings.mlflow
     if uri:  # the first user of the `pytest_lora_sweep_decided` hook
         from pytest_lora.integrations.mlflow import MlflowSweepLogger
 
-        config.pluginmanager.register(MlflowSweepLogger(uri), "lora-mlflow")
+        plugins.register(MlflowSweepLogger(uri), "lora-mlflow")
 
 
 def start_run(
