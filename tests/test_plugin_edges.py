@@ -278,3 +278,28 @@ def test_a_blocked_sweep_recorder_leaves_the_sweep_items_running_with_mlflow_on(
     result.assert_outcomes(passed=2)
     assert "lora rank sweep" not in result.stdout.str()
     assert not (lora_pytester.path / ".lora-sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "controller"),
+    [((), False), (("-n", "0"), False), (("-p", "no:xdist"), False), (("--collect-only", "-n", "2"), False)],
+    ids=["serial", "n0", "no-xdist", "collect-only"],
+)
+def test_only_a_distributing_xdist_controller_records_sweeps_from_configure(
+    lora_pytester: pytest.Pytester, args: tuple[str, ...], controller: bool
+) -> None:
+    """Where the process collects its own tests, the first sweep item starts the recorder; only the controller of
+    a distributed run (`-n 2`: the xdist sweep test in test_sweep.py) starts it at configure."""
+    lora_pytester.makeconftest(
+        """
+        import pytest
+        from pytest_lora.plugin.xdist import distributes
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_configure(config):
+            print("distributes:", distributes(config), config.pluginmanager.has_plugin("lora-sweep-recorder"))
+        """
+    )
+    lora_pytester.makepyfile("def test_plain():\n    pass\n")
+    result = lora_pytester.runpytest("-s", *args)
+    result.stdout.fnmatch_lines([f"distributes: {controller} {controller}"])
