@@ -75,13 +75,14 @@ def _resolve(config: pytest.Config) -> LoraState:
     from pytest_lora.model.base_pool import BaseModelPool
 
     pyproject = _pyproject(config)
+    pyproject_path = str(pyproject) if pyproject else None
     table = read_pyproject(pyproject) if pyproject else {}
     cli = {spec.name: config.getoption(f"lora_{spec.name}") for spec in OPTIONS}
     ini = {spec.name: config.getini(spec.ini) for spec in OPTIONS}
     inipath = str(config.inipath) if config.inipath else None
-    settings = resolve_settings(cli, table, ini, str(pyproject) if pyproject else None, inipath)
+    settings = resolve_settings(cli, table, ini, pyproject_path, inipath)
     pool = BaseModelPool(settings, _team_policy(settings, pyproject, table), worker=worker(config))
-    return LoraState(pool, str(pyproject) if pyproject else None)
+    return LoraState(pool, pyproject_path)
 
 
 def _team_policy(settings: Settings, pyproject: Path | None, table: Mapping[str, object]) -> Policy | None:
