@@ -217,6 +217,12 @@ def test_trust_remote_code_is_off_by_default_and_shown_when_on(lora_pytester: py
     on.stdout.fnmatch_lines(["lora: trust_remote_code=ON (the model's own Python code will run)"])
 
 
+def test_hub_kernels_stay_off(lora_base_model) -> None:
+    """transformers >= 5.25 turns hub kernels on by default (code fetched at run time): pytest-lora loads without."""
+    assert lora_base_model.use_kernels is False
+    assert getattr(lora_base_model, "_kernels_mode", None) is None
+
+
 def test_a_model_without_linear_layers_is_refused() -> None:
     import torch
     from peft import LoraConfig

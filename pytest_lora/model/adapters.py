@@ -496,7 +496,7 @@ class AdapterManager:
         for param in trained:
             param.requires_grad_(False)
             param.grad = None
-        self.clean.restore_modes()
+        self.clean.restore_framework()
 
     def _refuse_foreign_adapters(self) -> None:
         """A `get_peft_model` on the base earlier in this test would stack under the new adapter."""
@@ -528,7 +528,7 @@ class AdapterManager:
         self.detach()
         changes = self.clean.changes(self.base)
         merged, self._merged = self._merged, []
-        self.clean.restore_modes()
+        self.clean.restore_framework()
         if self._digest is not None and not changes and weights_digest(self.base) != self._digest:
             changes = [_UNSEEN_WRITE]
         if not (changes or leaked or merged):

@@ -10,6 +10,11 @@ bumps `_version` on every in-place write, so `mul_` is caught without hashing a 
 
 Restoring is exact where the original objects still exist (hooks, flags, attributes, replaced
 tensors); a tensor written in place cannot be restored from the snapshot, and the caller reloads.
+
+What the frameworks themselves change is not a test's doing: the attributes `train()` / `eval()` set
+(`training`, and whatever a release adds, such as transformers 5.25's `_kernels_mode`) are learned by
+switching the model both ways at snapshot time, put back without blame; a parameter re-registered on the
+same storage (PEFT's `nn.Parameter(weight.data)`) is the same weight, put back without blame.
 torch is never imported here at module level: only objects the caller passes in are touched.
 """
 
@@ -76,9 +81,11 @@ class _Module:
     # The fast path: after every test, one C-level tuple comparison per module instead of a loop.
     plain_keys: tuple[str, ...] = ()
     dict_keys: tuple[str, ...] = ()
+    # The attributes `train()` / `eval()` set on this module (see `_mode_attributes`): not a test's doing.
+    mode_keys: frozenset[str] = frozenset({"training"})
 
     def __post_init__(self) -> None:
-        self.plain_keys = tuple(k for k, v in self.attrs.items() if not isinstance(v, dict) and k != "training")
+        self.plain_keys = tuple(k for k, v in self.attrs.items() if not isinstance(v, dict) and k not in self.mode_keys)
         self.dict_keys = tuple(k for k, v in self.attrs.items() if isinstance(v, dict))
         self._plain = tuple(map(self.attrs.__getitem__, self.plain_keys))
         self._dicts = tuple(map(self.attrs.__getitem__, self.dict_keys))
@@ -88,7 +95,7 @@ class _Module:
         now = vars(self.obj)
         try:
             same = (
-                now.keys() == self.attrs.keys()
+                (now.keys() == self.attrs.keys() or (now.keys() ^ self.attrs.keys()) <= self.mode_keys)
                 and tuple(map(now.__getitem__, self.plain_keys)) == self._plain
                 and tuple(map(now.__getitem__, self.dict_keys)) == self._dicts
             )
@@ -112,6 +119,7 @@ class BaseState:
         modules = {}
         configs: dict[str, tuple[Any, dict[str, Any]]] = {}
         seen: set[int] = set()
+        mode_keys = _mode_attributes(model)
         for name, module in model.named_modules():
             attrs = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(module).items()}
             tensors = {}
@@ -120,7 +128,7 @@ class BaseState:
                     if tensor is not None:
                         tensors[f"{kind}.{key}"] = _Tensor.of(tensor)
                         tensors.update(_quant_state_tensors(f"{kind}.{key}", tensor))
-            modules[name] = _Module(module, attrs, tensors, type(module))
+            modules[name] = _Module(module, attrs, tensors, type(module), mode_keys=mode_keys[id(module)])
             for attr in _CONFIG_ATTRS:
                 value = vars(module).get(attr)
                 if value is not None and id(value) not in seen and hasattr(value, "to_dict"):
@@ -131,7 +139,7 @@ class BaseState:
     # -- comparing ---------------------------------------------------------------------------------
 
     def changes(self, model: Any) -> list[Change]:
-        """Every difference from the snapshot but train/eval flags (`restore_modes` resets those)."""
+        """Every difference from the snapshot but the frameworks' own (`restore_framework` puts those back)."""
         import torch
 
         found: list[Change] = []
@@ -172,11 +180,23 @@ class BaseState:
             _refill(_global_hooks()[key], saved_hooks)
         return self.written()
 
-    def restore_modes(self) -> None:
-        """train/eval flags back as loaded: `model.train()` on an adapter is normal use, not a leak."""
+    def restore_framework(self) -> None:
+        """Put back, without blame, what the frameworks change in normal use: train/eval modes with every
+        attribute `train()` / `eval()` set (`model.train()` on an adapter is normal use, not a leak), and the
+        original parameter objects where one was re-registered on the same storage."""
         for saved in self.modules.values():
-            if "training" in saved.attrs:
-                vars(saved.obj)["training"] = saved.attrs["training"]
+            live = vars(saved.obj)
+            for key in saved.mode_keys:
+                if key in saved.attrs:
+                    live[key] = saved.attrs[key]
+                else:
+                    live.pop(key, None)
+            for kind in ("_parameters", "_buffers"):
+                held, now = saved.attrs.get(kind), live.get(kind)
+                if held is not None and isinstance(now, dict) and not _same_dict(held, now):
+                    for key, obj in held.items():
+                        if key in now and now[key] is not obj and _same_entry(obj, now[key]):
+                            now[key] = obj
 
     def unwritten(self, obj: Any) -> bool:
         """The tensor is one of the snapshot's and has not been written in place since."""
@@ -193,6 +213,32 @@ class BaseState:
             for tensor in saved.tensors.values():
                 if id(tensor.obj) in wanted:
                     tensor.version = tensor.alias._version
+
+
+def _mode_attributes(model: Any) -> dict[int, frozenset[str]]:
+    """Per module (by id), the attributes that `model.train()` and `model.eval()` set: `training`, and any a
+    framework release adds (transformers 5.25's `_kernels_mode`). Learned by switching the model both ways;
+    every module's attributes are then put back as they were, the same objects."""
+    modules = list(model.modules())
+    before = [dict(vars(module)) for module in modules]
+    touched: list[set[str]] = [{"training"} for _ in modules]
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            for keys, module, saved in zip(touched, modules, before):
+                now = vars(module)
+                keys.update(
+                    key
+                    for key in now.keys() | saved.keys()
+                    if not isinstance(saved.get(key, now.get(key)), dict)
+                    and (key not in now or key not in saved or not _same_value(now[key], saved[key]))
+                )
+    finally:
+        for module, saved in zip(modules, before):
+            live = vars(module)
+            live.clear()
+            live.update(saved)
+    return {id(module): frozenset(keys) for module, keys in zip(modules, touched)}
 
 
 def _quant_state_tensors(key: str, tensor: Any) -> dict[str, _Tensor]:
@@ -226,13 +272,29 @@ def _same_value(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and type(a) in (int, float, str, bool) and a == b)
 
 
+def _same_entry(before: Any, now: Any) -> bool:
+    """The same object, or a parameter / buffer re-registered on the same storage with the same flags (PEFT's
+    `nn.Parameter(weight.data)` after a MultiheadAttention adapter): the same weight, which a restore puts back."""
+    if before is now:
+        return True
+    if type(before) is not type(now) or not (hasattr(before, "data_ptr") and hasattr(now, "data_ptr")):
+        return False
+    return (
+        before.data_ptr() == now.data_ptr()
+        and before.dtype == now.dtype
+        and before.shape == now.shape
+        and before.stride() == now.stride()
+        and before.requires_grad == now.requires_grad
+    )
+
+
 def _module_changes(where: str, saved: _Module) -> list[Change]:
     now = vars(saved.obj)
     found = []
     if type(saved.obj) is not saved.cls:
         found.append(Change("structure", where, f"class {type(saved.obj).__name__} instead of {saved.cls.__name__}"))
     for key in saved.attrs.keys() | now.keys():
-        if key == "training":
+        if key in saved.mode_keys:
             continue
         if key not in now:
             found.append(Change(_attr_kind(key), where, f"attribute {key!r} removed"))
@@ -277,7 +339,7 @@ def _dict_changes(where: str, key: str, before: Mapping[Any, Any], now: Any) -> 
         return [Change("attribute", where, f"{key} replaced by a {type(now).__name__}")]
     added = [k for k in now if k not in before]
     removed = [k for k in before if k not in now]
-    replaced = [k for k in before if k in now and now[k] is not before[k]]
+    replaced = [k for k in before if k in now and not _same_entry(before[k], now[k])]
     if key in _STRUCTURE:
         noun = _STRUCTURE[key]
         found = [Change(_structure_kind(noun, None), where, f"{noun} {k!r} removed") for k in removed]

@@ -328,6 +328,9 @@ def load_base_model(settings: Settings, worker: Worker | None = None) -> LoadedB
         "trust_remote_code": settings.trust_remote_code,
         "use_safetensors": None if settings.allow_unsafe_pickle else True,
         "local_files_only": source.kind != "hub",
+        # transformers >= 5.25 turns on hub kernels by default: code fetched from the hub at run time, which
+        # the security defaults rule out (and whose `train()` hook re-kernelizes the shared base).
+        "use_kernels": False,
     }
     where = settings.describe("model", settings.model or source.label)
     start = time.perf_counter()
