@@ -225,7 +225,7 @@ def _mode_attributes(model: Any) -> dict[int, frozenset[str]]:
     try:
         for mode in (True, False):
             model.train(mode)
-            for keys, module, saved in zip(touched, modules, before):
+            for keys, module, saved in zip(touched, modules, before, strict=True):
                 now = vars(module)
                 keys.update(
                     key
@@ -234,11 +234,11 @@ def _mode_attributes(model: Any) -> dict[int, frozenset[str]]:
                     and (key not in now or key not in saved or not _same_value(now[key], saved[key]))
                 )
     finally:
-        for module, saved in zip(modules, before):
+        for module, saved in zip(modules, before, strict=True):
             live = vars(module)
             live.clear()
             live.update(saved)
-    return {id(module): frozenset(keys) for module, keys in zip(modules, touched)}
+    return {id(module): frozenset(keys) for module, keys in zip(modules, touched, strict=True)}
 
 
 def _quant_state_tensors(key: str, tensor: Any) -> dict[str, _Tensor]:
