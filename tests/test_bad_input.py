@@ -7,6 +7,7 @@ in test_plugin.py. The README's "What pytest-lora guards against" table lists th
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -160,9 +161,15 @@ def _pickled_model(path, cache_dir) -> None:
     torch.save(model.state_dict(), path / "pytorch_model.bin")
 
 
+# Found from the path alone: the session stops once, before any test runs (exit 4).
+START_CASES = {
+    "model-missing": ("./no/such/dir", "--lora-model ./no/such/dir: no such directory"),
+    "model-no-config": ("emptydir", "--lora-model emptydir: the directory has no config.json"),
+    "model-a-file": ("pyproject.toml", "--lora-model pyproject.toml: is a file, not a model directory"),
+    "model-unknown-builtin": ("builtin:nope", "--lora-model builtin:nope: no built-in model of that name"),
+}
+# Found when loading: each LoRA test errors with the diagnosis.
 MODEL_CASES = {
-    "model-missing": ("./no/such/dir", {}, "*ModelLoadError: --lora-model ./no/such/dir: no such directory*"),
-    "model-no-config": ("emptydir", {}, "*ModelLoadError: --lora-model emptydir: the directory has no config.json*"),
     "model-unknown-architecture": (
         "alien",
         {},
@@ -185,6 +192,23 @@ def model_dirs(lora_pytester: pytest.Pytester, lora_session) -> pytest.Pytester:
     (root / "alien" / "config.json").write_text(json.dumps({"model_type": "nosuchmodel"}))
     _pickled_model(root / "pickled", lora_session.settings.cache_dir)
     return lora_pytester
+
+
+@pytest.mark.parametrize("spelling", ["space", "equals"])
+@pytest.mark.parametrize("case", list(START_CASES))
+def test_a_model_that_cannot_exist_stops_the_session_once_at_start(
+    model_dirs: pytest.Pytester, case: str, spelling: str
+) -> None:
+    model, expected = START_CASES[case]
+    (model_dirs.path / "pyproject.toml").write_text("")
+    model_dirs.makepyfile("def test_a(lora_base_model):\n    pass\n\ndef test_b(lora_model):\n    pass\n")
+    option = ["--lora-model", model] if spelling == "space" else [f"--lora-model={model}"]
+    result = model_dirs.runpytest(*option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: pytest-lora: {expected}*", "*fix:*"])
+    assert result.stderr.str().count(expected) == 1
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    assert "passed" not in result.stdout.str() and "error" not in result.stdout.str().lower()
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
@@ -233,3 +257,29 @@ def test_a_model_without_linear_layers_is_refused() -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4))
     with pytest.raises(AdapterConfigError, match="Sequential has no linear layers, so a LoRA adapter has nothing"):
         matched_modules(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"r": 0, "lora_alpha": 16}, "r = 0: the rank must be an int >= 1"),
+        ({"r": 8, "lora_alpha": -8}, "lora_alpha = -8: must be a finite number > 0"),
+        ({"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] = 0: must be an int >= 1"),
+    ],
+)
+@pytest.mark.parametrize("check", ["assert_alpha_ratio", "assert_policy", "estimate_lora_parameters"])
+def test_an_out_of_range_config_gets_the_message_lora_model_gives_in_every_check(
+    lora_base_model, lora_model, check: str, fields: dict, message: str
+) -> None:
+    """r=0 once raised a ZeroDivisionError and a negative alpha read as "the value for r=-8"."""
+    from peft import LoraConfig
+
+    import pytest_lora
+
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], **fields)
+    args = (lora_base_model, config) if check == "estimate_lora_parameters" else (config,)
+    with pytest.raises(pytest_lora.AdapterConfigError, match=re.escape(message)) as raised:
+        getattr(pytest_lora, check)(*args)
+    with pytest.raises(pytest_lora.AdapterConfigError) as attached:
+        lora_model(config)
+    assert str(raised.value) == str(attached.value)

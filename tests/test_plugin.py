@@ -405,8 +405,6 @@ def test_local_again(lora_model):
 @pytest.mark.parametrize(
     ("model", "env", "expected"),
     [
-        ("./no/such/dir", {}, "*ModelLoadError: --lora-model ./no/such/dir: no such directory*"),
-        ("emptydir", {}, "*ModelLoadError: --lora-model emptydir: the directory has no config.json*"),
         (
             "some-org/some-model",
             {"HF_HUB_OFFLINE": "1"},
@@ -520,12 +518,17 @@ def test_library_deprecations_from_pytest_loras_calls_are_silenced_the_users_own
 ) -> None:
     """A user project without the repository's filterwarnings: torch's `script_method` and transformers'
     `is_gradient_checkpointing` deprecations come from pytest-lora's own calls and are not shown; the user's
-    own DeprecationWarning is. A subprocess: the torch one fires when a process first imports peft."""
+    own DeprecationWarning is. A subprocess: the torch one fires when a process first imports peft, here from the
+    test module, as the README's snippets do (`from peft import LoraConfig`) while it is collected."""
     cache = tmp_path_factory.getbasetemp() / "lora-model-cache"
     pytester.makeini(f"[pytest]\naddopts = -p no:randomly\nlora_cache_dir = {cache}\n")
     pytester.makepyfile(
         """
         import warnings
+
+        from peft import LoraConfig
+
+        warnings.warn("the user's import-time warning", UserWarning)
 
         def test_train(lora_train):
             assert lora_train({"r": 4, "target_modules": ["q_proj"]}, steps=1, batch_size=2, seq_len=16).steps == 1
@@ -535,7 +538,78 @@ def test_library_deprecations_from_pytest_loras_calls_are_silenced_the_users_own
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, warnings=1)
+    result.assert_outcomes(passed=2, warnings=2)
+    result.stdout.fnmatch_lines(["*UserWarning: the user's import-time warning*"])
     result.stdout.fnmatch_lines(["*DeprecationWarning: the user's own deprecation*"])
     output = result.stdout.str()
     assert "script_method" not in output and "is_gradient_checkpointing" not in output
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped(pytester: pytest.Pytester) -> None:
+    """On an AVX512-BF16 CPU, bitsandbytes >= 0.49 asks the `kernels` package (a transformers 5.25 dependency)
+    for a hub kernel when it loads, and logs "Failed to load CPU gemm_4bit_forward from kernels-community ...
+    trust_remote_code" when it cannot. Simulated here on any CPU by loading its CPU ops again with the check
+    forced on; nothing of it reaches the user."""
+    pytester.makepyfile(
+        """
+        import importlib
+        import warnings
+
+        def test_reload_cpu_ops_as_on_an_avx512_bf16_cpu(caplog):
+            import bitsandbytes.functional as functional
+            import bitsandbytes.backends.cpu.ops as ops
+
+            functional.has_avx512bf16 = lambda: True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch: the ops are registered a second time
+                importlib.reload(ops)
+            assert not [r.getMessage() for r in caplog.records if "gemm_4bit_forward" in r.getMessage()]
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    off = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:lora")
+    off.assert_outcomes(failed=1)  # the control: without pytest-lora the notice is logged
+
+
+PROGRESS = """
+import pytest
+import torch
+from peft import LoraConfig
+
+def test_bench(lora_benchmark):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    lora_benchmark(config, batch_size=2, seq_len=16, steps_per_round=1, rounds=2, warmup_rounds=1)
+
+@pytest.mark.lora(sweep=[2, 4])
+def test_sweep(lora_sweep):
+    config = LoraConfig(r=lora_sweep.rank, lora_alpha=2 * lora_sweep.rank, target_modules=["q_proj"])
+    ids = torch.randint(0, 256, (64, 16), generator=torch.Generator().manual_seed(0))
+    lora_sweep.run(config, steps=1, batch_size=4, seq_len=16, dataset=ids)
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "-q"])
+def test_long_steps_print_a_line_each_in_the_terminal_and_q_silences_them(
+    lora_pytester: pytest.Pytester, quiet: bool
+) -> None:
+    """Loading a base, each benchmark round and each sweep rank: one line each, outside the output capture."""
+    lora_pytester.makepyfile(PROGRESS)
+    result = lora_pytester.runpytest(*(["-q"] if quiet else []), f"--lora-sweep-dir={lora_pytester.path / 'sweeps'}")
+    result.assert_outcomes(passed=3)
+    lines = [line for line in result.outlines if line.startswith("lora: ") and not line.startswith("lora: model=")]
+    lines = [line for line in lines if not line.startswith("lora: policy=")]
+    if quiet:
+        assert lines == []
+        return
+    result.stdout.fnmatch_lines(
+        [
+            "lora: loading base model builtin:tiny-llama (4-bit nf4*",
+            "lora: benchmark r=4 alpha=8 q_proj: round 1 of 3 (*s)",
+            "lora: benchmark r=4 alpha=8 q_proj: round 2 of 3 (*s)",
+            "lora: benchmark r=4 alpha=8 q_proj: round 3 of 3 (*s)",
+            "lora: sweep test_*.py::test_sweep: training r=2 (1 steps on *)",
+            "lora: sweep test_*.py::test_sweep: training r=4 (1 steps on *)",
+        ]
+    )
+    assert len(lines) == 6, lines

@@ -35,17 +35,19 @@ _INTERNAL = re.compile(r"\.(lora_[A-Za-z_]+|base_layer|modules_to_save|original_
 
 
 def as_lora_config(config: Any) -> Any:
-    """Accept a `LoraConfig` or a mapping of its fields (e.g. from TOML)."""
+    """Accept a `LoraConfig` or a mapping of its fields (e.g. from TOML), with r, alpha, dropout and the
+    patterns in range: every consumer (counts, ratios, estimates) divides by them."""
     from peft import LoraConfig
 
-    if isinstance(config, LoraConfig):
-        return config
     if isinstance(config, Mapping):
         try:
-            return LoraConfig(**config)
+            config = LoraConfig(**config)
         except TypeError as exc:
             raise AdapterConfigError(f"LoraConfig({dict(config)!r}): {exc}") from exc
-    raise AdapterConfigError(f"expected a peft.LoraConfig or a dict of its fields, got {type(config).__name__}")
+    elif not isinstance(config, LoraConfig):
+        raise AdapterConfigError(f"expected a peft.LoraConfig or a dict of its fields, got {type(config).__name__}")
+    _raise_problems(_value_problems(config))
+    return config
 
 
 def linear_types() -> tuple[type, ...]:
@@ -86,7 +88,13 @@ def linear_module_names(model: Any) -> dict[str, list[str]]:
     return found
 
 
-def _check_values(config: Any) -> None:
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise AdapterConfigError("invalid LoraConfig:\n  " + "\n  ".join(problems))
+
+
+def _value_problems(config: Any) -> list[str]:
+    """r, lora_alpha, lora_dropout and the rank / alpha patterns out of range."""
     problems = []
     r = config.r
     if not is_int(r) or r <= 0:
@@ -103,6 +111,12 @@ def _check_values(config: Any) -> None:
     for key, value in (config.alpha_pattern or {}).items():
         if not is_real(value) or not value > 0:
             problems.append(f"alpha_pattern[{key!r}] = {value!r}: must be > 0")
+    return problems
+
+
+def _check_values(config: Any) -> None:
+    """The value checks, and what an adapter on a shared base needs: targets, bias, init, pattern keys."""
+    problems = _value_problems(config)
     targets = config.target_modules
     if targets is not None and not isinstance(targets, str):
         if len(targets) == 0 and not getattr(config, "target_parameters", None):
@@ -129,8 +143,7 @@ def _check_values(config: Any) -> None:
                 re.compile(key)
             except (re.error, TypeError) as exc:
                 problems.append(f"{field_name} key {key!r}: not a valid regular expression ({exc})")
-    if problems:
-        raise AdapterConfigError("invalid LoraConfig:\n  " + "\n  ".join(problems))
+    _raise_problems(problems)
 
 
 def _matcher(config: Any, entry: str | None) -> Any:

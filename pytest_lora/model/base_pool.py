@@ -8,6 +8,7 @@ quantization, trust), so a marker that asks for another model loads that one onc
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,8 @@ class BaseModelPool:
     digests: dict[tuple[Any, ...], str] = field(default_factory=dict)
     failures: dict[tuple[Any, ...], LoraError] = field(default_factory=dict)
     worker: Worker | None = None  # under pytest-xdist: which GPU and how many CPU threads this process takes
+    # One line per long step (a load, a sweep rank, a benchmark round): the plugin prints it in the terminal.
+    progress: Callable[[str], None] = lambda text: None
 
     @cached_property
     def policy(self) -> Policy:
@@ -78,6 +81,8 @@ class BaseModelPool:
         if key in self.failures:
             raise self.failures[key]
         if key not in self.bases:
+            label = settings.model or "builtin:tiny-llama"
+            self.progress(f"loading base model {label} ({settings.quantization_label()})")
             try:
                 loaded = load_base_model(settings, self.worker)
             except LoraError as exc:  # every later test gets the same message, without a second attempt

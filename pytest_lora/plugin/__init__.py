@@ -17,8 +17,9 @@ import pytest
 from pytest_lora.core.errors import LoraAssertionError, LoraError, SettingsError
 from pytest_lora.core.sessions import SESSIONS, end_session
 from pytest_lora.core.settings import OPTIONS, Settings, argparse_type, read_pyproject, resolve_settings
-from pytest_lora.model.quiet import silence_bitsandbytes_kernel_notice
+from pytest_lora.model.quiet import library_warnings_silenced, silence_bitsandbytes_kernel_notice
 from pytest_lora.plugin.invocation import check_rootdir
+from pytest_lora.plugin.progress import TerminalProgress
 from pytest_lora.plugin.state import MARKER, STATE, LoraState, node_settings
 from pytest_lora.plugin.xdist import distributes, is_worker, worker
 
@@ -115,11 +116,14 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:  # PolicyError included
         raise pytest.UsageError(f"pytest-lora: {exc}") from None
     settings = state.session.settings
+    if settings.model is not None:
+        _check_model_source(settings)
     if settings.require_gpu:
         _require_gpu()
     if settings.mlflow:
         _require_mlflow(settings)
     config.stash[STATE] = state
+    state.session.progress = TerminalProgress(config)
     SESSIONS.append(state.session)  # its policy: the assertions' default, built when first asked (core.sessions)
     # The fixtures and (when files are named) the config-file checks: plugins of their own, loaded once the
     # settings are valid (`-p no:lora` disables them too). Not `pytest_plugins`: pytest scans every installed
@@ -153,6 +157,18 @@ def _require_mlflow(settings: Settings) -> None:
         raise pytest.UsageError(f"pytest-lora: {exc}") from None
 
 
+def _check_model_source(settings: Settings) -> None:
+    """A session model that cannot exist (a missing directory, an unknown built-in name) stops the session once,
+    before any test runs, instead of erroring every LoRA test. Path checks only: nothing is loaded."""
+    from pytest_lora.core.errors import ModelLoadError
+    from pytest_lora.model.loading import resolve_source
+
+    try:
+        resolve_source(settings.model, settings.describe("model"))
+    except ModelLoadError as exc:
+        raise pytest.UsageError(f"pytest-lora: {exc}") from None
+
+
 def _require_gpu() -> None:
     import torch
 
@@ -183,6 +199,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if settings.allow_unsafe_pickle:
         lines.append("lora: allow_unsafe_pickle=ON (pickled checkpoints may run code when loaded)")
     return lines
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Any:
+    """Test modules import peft, which imports torch modules that raise torch's own deprecations (14 of
+    `torch.jit.script_method` in torch 2.13): library noise no user can act on, dropped while collecting."""
+    with library_warnings_silenced():
+        return (yield)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -152,6 +152,10 @@ def lora_benchmark(
                 lr=lr,
                 seed=seed,
                 device=device,
+                on_round=lambda index, seconds: lora_session.progress(
+                    f"benchmark {label}: round {index} of {1 if benchmark.disabled else warmup_rounds + rounds}"
+                    f" ({seconds:.2f}s)"
+                ),
             ),
             what=f"lora_benchmark ({label}, batch {batch_size} x seq {seq_len})",
             device=device,

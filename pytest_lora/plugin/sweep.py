@@ -143,8 +143,9 @@ class SweepRun:
             from pytest_lora.model.adapters import matched_modules
 
             planted.check_targets(data, matched_modules(self._session.base(self._settings).model, lora_config))
-        self._warm_up(lora_config, data, batch_size)
         steps = steps or rule.steps
+        self._session.progress(f"sweep {self.group}: training r={self.rank} ({steps} steps on {data.name})")
+        self._warm_up(lora_config, data, batch_size)
         result = self._train(
             lora_config, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, dataset=data, eval_every=steps
         )
