@@ -157,7 +157,7 @@ def test_qlora_7b_mfu_and_memory(benchmark, qlora_base, r, record_property):
             benchmark.pedantic(lambda: (step(), sync(device)), rounds=ROUNDS)
 
             shape = model_shape(model)  # inside the recipe: checkpointing on, the upcast weights
-            flops = step_flops(shape, SEQ, batch_size=BATCH)
+            flops = step_flops(shape, SEQ, gradient_checkpointing=True, batch_size=BATCH)
             estimate = memory_breakdown(shape, batch_size=BATCH, seq_len=SEQ)
             assert estimate.gradient_checkpointing, "the estimate did not see gradient checkpointing"
         tokens_per_second = BATCH * SEQ / seconds
