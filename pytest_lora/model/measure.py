@@ -132,6 +132,8 @@ def run_oom_checked(
         lines += [f"  estimated peak of this step: {format_bytes(estimated.total)}", *estimated.lines()]
     lines += [
         f"  {GUIDE_FIX}",
-        "  the memory was freed (gc, CUDA cache emptied) and the adapter removed: later tests run",
+        "  the memory was freed (gc, CUDA cache emptied)"
+        + (" and the adapter removed" if release is not None else "")
+        + ": later tests run",
     ]
     raise TrainingError("\n".join(lines))
