@@ -43,3 +43,18 @@ def test_failure_output_is_what_the_checks_print_today(pytester: pytest.Pytester
     actual = [line.replace(f"{pytester.path}/", "") for line in result.stdout.lines if line.startswith("E ")]
     shown = [line for line in marker.group(2).splitlines() if line.startswith("E ")]
     assert shown == actual
+
+
+def test_first_snippet_runs_as_a_user_pastes_it(pytester: pytest.Pytester) -> None:
+    """The README's first python block, pasted into a user's test file with the team's policy beside it, runs
+    under `pytest -m lora`: every test is selected (test_alpha_ratio uses no pytest-lora fixture, so only the
+    snippet's `pytestmark` marks it) and passes. Only the two quick tests are run; the others are collected."""
+    snippet = textwrap.dedent(_blocks("python")[0])
+    assert "pytestmark = pytest.mark.lora" in snippet
+    shutil.copy(ROOT / "examples" / "pyproject.toml", pytester.path / "pyproject.toml")
+    pytester.makepyfile(test_snippet=snippet)
+    collected = pytester.runpytest("-p", "no:cacheprovider", "-m", "lora", "--collect-only", "-q")
+    items = [line for line in collected.stdout.lines if line.startswith("test_snippet.py::")]
+    assert len(items) == 3 * 3 + 1 and "deselected" not in collected.stdout.str(), collected.stdout.str()
+    quick = pytester.runpytest("-p", "no:cacheprovider", "-m", "lora", "-k", "param_budget or alpha_ratio")
+    quick.assert_outcomes(passed=3 + 3, deselected=4)  # 3 + 1 deselected by -k, none by -m
