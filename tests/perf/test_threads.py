@@ -52,6 +52,9 @@ def test_one_thread_against_the_default_thread_count(benchmark, lora_model, lora
     one, many = statistics.median(seconds[1]), statistics.median(seconds[default])
     tokens = STEPS * BATCH * SEQ
     benchmark.extra_info.update(
-        threads_default=default, tokens_per_s_one=tokens / one, tokens_per_s_default=tokens / many, default_over_one=one / many
+        threads_default=default,
+        tokens_per_s_one=tokens / one,
+        tokens_per_s_default=tokens / many,
+        default_over_one=one / many,
     )
     print(f"\ntokens/s: 1 thread {tokens / one:,.0f}, {default} threads {tokens / many:,.0f}: ratio {one / many:.3f}")
