@@ -18,7 +18,7 @@ from pytest_lora import (
     assert_param_budget,
     assert_policy,
 )
-from pytest_lora.integrations.strategies import invalid_lora_values, policy_configs
+from pytest_lora.strategies import invalid_lora_values, policy_configs
 
 pytestmark = pytest.mark.lora
 

@@ -86,8 +86,9 @@ def imports(module: str, *, top_level_only: bool) -> set[str]:
 
 
 def layer(module: str) -> str:
+    """The layer's folder; "" for the public door (`pytest_lora`, and public modules beside it: `strategies`)."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else ""
+    return parts[1] if len(parts) > 1 and MODULES[module].parent != PACKAGE else ""
 
 
 def _in(target: str, package: str) -> bool:

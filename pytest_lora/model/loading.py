@@ -153,18 +153,19 @@ def device_map_for(device_setting: str, resolved: str, cuda_count: int, under_xd
     return {"": resolved}
 
 
-def share_cpu_between_workers(worker: Worker | None) -> None:
-    """Under xdist, give each worker its share of the cores instead of all of them each.
+def cpu_threads(worker: Worker | None, device: str) -> int | None:
+    """torch's intra-op thread count for a session on `device`; None leaves torch's default.
 
-    N workers with torch's default thread count each oversubscribe the CPU, and torch's OpenMP
-    threads then spin against each other (steps get many times slower). `OMP_NUM_THREADS`, when
-    set, is the user's choice and is left alone.
+    On the CPU, one thread per process unless xdist workers share the cores (each takes its share): the
+    tiny models of CPU runs are many small matmuls, where a second OpenMP thread gains nothing on an idle
+    machine and its spin-waits halve the speed when another process shares the cores
+    (`tests/perf/test_threads.py`). `OMP_NUM_THREADS`, when set, is the user's choice and is left alone.
     """
-    if worker is None or "OMP_NUM_THREADS" in os.environ:
-        return
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.count))
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    if worker is not None:
+        return max(1, (os.cpu_count() or 1) // worker.count)
+    return 1 if device == "cpu" else None
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -320,7 +321,9 @@ def load_base_model(settings: Settings, worker: Worker | None = None) -> LoadedB
     import torch
     import transformers
 
-    share_cpu_between_workers(worker)
+    threads = cpu_threads(worker, device)
+    if threads is not None:
+        torch.set_num_threads(threads)
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device_map = device_map_for(settings.device, device, cuda_count, worker is not None)
     kwargs: dict[str, Any] = {
