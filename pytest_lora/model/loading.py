@@ -321,9 +321,7 @@ def load_base_model(settings: Settings, worker: Worker | None = None) -> LoadedB
     import torch
     import transformers
 
-    threads = cpu_threads(worker, device)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(cpu_threads(worker, device) or torch.get_num_threads())
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device_map = device_map_for(settings.device, device, cuda_count, worker is not None)
     kwargs: dict[str, Any] = {

@@ -619,12 +619,10 @@ def timed_rounds(
     device: str,
     on_round: Callable[[int, float], None] = lambda index, seconds: None,
 ) -> tuple[list[float], int, str]:
-    """Run the benchmark; return (seconds of each timed round, peak memory bytes, peak scope).
-
-    `on_round(index, seconds)` is told of each round as it ends (warm-up rounds included), for progress.
-
-    Batches are cut once and kept on the device, as a prefetching data loader would have them, so a
-    round times the step alone. Each round ends with a CUDA synchronize: its time is the GPU's work.
+    """Run the benchmark; return (seconds of each timed round, peak memory bytes, peak scope). `on_round(index,
+    seconds)` is told of each round as it ends (warm-up rounds included), for progress. Batches are cut once
+    and kept on the device, as a prefetching data loader would have them, so a round times the step alone.
+    Each round ends with a CUDA synchronize: its time is the GPU's work.
     """
     import torch
 
