@@ -617,7 +617,8 @@ def _resolve_path(spec: OptionSpec, value: object, base: Path) -> object:
         return value
     value = os.path.expanduser(value)
     candidate = base / value  # an absolute value replaces base
-    return str(candidate) if spec.path == "always" or candidate.is_dir() else value
+    explicit = value.startswith(("./", "../"))  # a path, not a hub id, even while it does not exist
+    return str(candidate) if spec.path == "always" or explicit or candidate.is_dir() else value
 
 
 def _unset_if_empty(value: object) -> object:

@@ -42,8 +42,8 @@ def as_lora_config(config: Any) -> Any:
     if isinstance(config, Mapping):
         try:
             config = LoraConfig(**config)
-        except TypeError as exc:
-            raise AdapterConfigError(f"LoraConfig({dict(config)!r}): {exc}") from exc
+        except (TypeError, ValueError) as exc:  # an unknown field; a combination PEFT refuses (its reason is all)
+            raise AdapterConfigError(f"LoraConfig({dict(config)!r}): {exc}") from None
     elif not isinstance(config, LoraConfig):
         raise AdapterConfigError(f"expected a peft.LoraConfig or a dict of its fields, got {type(config).__name__}")
     _raise_problems(_value_problems(config))
@@ -546,7 +546,7 @@ class AdapterManager:
             changes = [_UNSEEN_WRITE]
         if not (changes or leaked or merged):
             return
-        reload = bool(self.clean.restore(self.base)) or _UNSEEN_WRITE in changes
+        reload = bool(self.clean.restore(self.base)) or any(change.kind == "in-place" for change in changes)
         if reload:
             self._reload_weights()
         raise BaseModelModifiedError(explain(changes, when=when, leaked=leaked, merged=merged, reloaded=reload))

@@ -55,6 +55,7 @@ class BaseModelPool:
     worker: Worker | None = None  # under pytest-xdist: which GPU and how many CPU threads this process takes
     # One line per long step (a load, a sweep rank, a benchmark round): the plugin prints it in the terminal.
     progress: Callable[[str], None] = lambda text: None
+    threads_before: int | None = None  # torch's thread count before the first load set the session's (`close`)
 
     @cached_property
     def policy(self) -> Policy:
@@ -81,6 +82,10 @@ class BaseModelPool:
         if key in self.failures:
             raise self.failures[key]
         if key not in self.bases:
+            if self.threads_before is None:
+                import torch
+
+                self.threads_before = torch.get_num_threads()
             label = settings.model or "builtin:tiny-llama"
             self.progress(f"loading base model {label} ({settings.quantization_label()})")
             try:
@@ -99,6 +104,13 @@ class BaseModelPool:
             if self.settings.verify_base:
                 self.digests[key] = weights_digest(loaded.model)
         return self.bases[key]
+
+    def close(self) -> None:
+        """At the session's end: torch's thread count back as it was before the first base loaded."""
+        if self.threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self.threads_before)
 
     def manager(self, settings: Settings | None = None) -> AdapterManager:
         """The adapter manager of the base for these settings (loading it if needed)."""

@@ -272,20 +272,39 @@ def _same_value(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and type(a) in (int, float, str, bool) and a == b)
 
 
-def _same_entry(before: Any, now: Any) -> bool:
-    """The same object, or a parameter / buffer re-registered on the same storage with the same flags (PEFT's
-    `nn.Parameter(weight.data)` after a MultiheadAttention adapter): the same weight, which a restore puts back."""
-    if before is now:
-        return True
-    if type(before) is not type(now) or not (hasattr(before, "data_ptr") and hasattr(now, "data_ptr")):
+def _rewrapped(before: Any, now: Any) -> bool:
+    """`now` is another tensor object over `before`'s storage, with its dtype, shape and layout (PEFT's
+    `nn.Parameter(weight.data)` after a MultiheadAttention adapter re-registers the weight so)."""
+    if before is now or type(before) is not type(now) or not hasattr(now, "data_ptr"):
         return False
     return (
         before.data_ptr() == now.data_ptr()
         and before.dtype == now.dtype
         and before.shape == now.shape
         and before.stride() == now.stride()
-        and before.requires_grad == now.requires_grad
     )
+
+
+def _same_entry(before: Any, now: Any) -> bool:
+    """The same object, or the same weight re-registered unwritten with the same flags, which a restore puts
+    back. `.data` starts a new version counter, so a write through the new object shows in its own counter."""
+    return before is now or (
+        _rewrapped(before, now) and now._version == 0 and before.requires_grad == now.requires_grad
+    )
+
+
+def _written_rewraps(where: str, before: Mapping[Any, Any], now: Mapping[Any, Any]) -> list[Change]:
+    """Writes through a re-registered object: the snapshot's version counter never saw them."""
+    return [
+        Change(
+            "in-place",
+            f"{where}.{key}",
+            f"written in place ({now[key]._version}x) through a tensor re-registered "
+            "on its storage (`nn.Parameter(w.data)`)",
+        )
+        for key in before
+        if key in now and _rewrapped(before[key], now[key]) and now[key]._version != 0
+    ]
 
 
 def _module_changes(where: str, saved: _Module) -> list[Change]:
@@ -342,7 +361,10 @@ def _dict_changes(where: str, key: str, before: Mapping[Any, Any], now: Any) -> 
     replaced = [k for k in before if k in now and not _same_entry(before[k], now[k])]
     if key in _STRUCTURE:
         noun = _STRUCTURE[key]
-        found = [Change(_structure_kind(noun, None), where, f"{noun} {k!r} removed") for k in removed]
+        found = _written_rewraps(where, before, now)
+        written = {c.where.rsplit(".", 1)[-1] for c in found}
+        replaced = [k for k in replaced if k not in written]
+        found += [Change(_structure_kind(noun, None), where, f"{noun} {k!r} removed") for k in removed]
         found += [Change(_structure_kind(noun, now[k]), where, f"{noun} {k!r} added") for k in added]
         found += [
             Change(_structure_kind(noun, now[k]), where, f"{noun} {k!r} replaced by a {_class_name(now[k])}")

@@ -116,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:  # PolicyError included
         raise pytest.UsageError(f"pytest-lora: {exc}") from None
     settings = state.session.settings
-    if settings.model is not None:
+    if settings.model is not None and distributes(config):  # the controller sees no test: checked here
         _check_model_source(settings)
     if settings.require_gpu:
         _require_gpu()
@@ -145,6 +145,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
         end_session(state.session)
+        state.session.close()
 
 
 def _require_mlflow(settings: Settings) -> None:
@@ -157,9 +158,21 @@ def _require_mlflow(settings: Settings) -> None:
         raise pytest.UsageError(f"pytest-lora: {exc}") from None
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A session model that cannot exist stops the session once, before any test runs, when a selected test is a
+    LoRA test: `-m "not lora"`, `--collect-only` and `--help` work with a model that exists on the GPU runner only."""
+    config = session.config
+    state = config.stash.get(STATE, None)
+    if state is None or state.session.settings.model is None or config.option.collectonly or is_worker(config):
+        return
+    if any(item.get_closest_marker(MARKER) is not None for item in session.items):
+        _check_model_source(state.session.settings)
+
+
 def _check_model_source(settings: Settings) -> None:
-    """A session model that cannot exist (a missing directory, an unknown built-in name) stops the session once,
-    before any test runs, instead of erroring every LoRA test. Path checks only: nothing is loaded."""
+    """A missing directory, one without config.json or an unknown built-in name is a usage error (exit 4), not an
+    error in every LoRA test. Path checks only: nothing is loaded."""
     from pytest_lora.core.errors import ModelLoadError
     from pytest_lora.model.loading import resolve_source
 
@@ -201,10 +214,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+@pytest.hookimpl(wrapper=True, trylast=True)  # inside pytest's own warning capture, whose filters it adds to
+def pytest_load_initial_conftests() -> Any:
+    """Conftests and test modules import peft, which imports torch modules that raise torch's own deprecations
+    (14 of `torch.jit.script_method` in torch 2.13): library noise no user can act on, dropped while they load."""
+    with library_warnings_silenced():
+        return (yield)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection(session: pytest.Session) -> Any:
-    """Test modules import peft, which imports torch modules that raise torch's own deprecations (14 of
-    `torch.jit.script_method` in torch 2.13): library noise no user can act on, dropped while collecting."""
+    """The test modules and the conftests below the rootdir, as `pytest_load_initial_conftests`."""
     with library_warnings_silenced():
         return (yield)
 
