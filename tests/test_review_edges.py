@@ -143,7 +143,7 @@ def test_a_pyproject_relative_model_path_names_the_directory_it_counts_from(
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     err = result.stderr.str()
     assert f"looked in {sub}" not in err, err
-    assert str(lora_pytester.path / "models" / "x") in err or f"looked in {lora_pytester.path})" in err, err
+    assert f"looked in {lora_pytester.path / 'models'})" in err, err
 
 
 # --- 3. config validation in every consumer -------------------------------------------------------------------

@@ -106,7 +106,7 @@ def resolve_source(spec: str | None, where: str | None = None) -> ModelSource:
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith("/")
     if looks_like_path or not _HUB_ID.match(spec):
         raise ModelLoadError(
-            f"{where}: no such directory (looked in {Path.cwd()}).\n"
+            f"{where}: no such directory (looked in {path.absolute().parent}).\n"
             "  fix: give an existing local model directory, or a hub id such as 'org/name'"
         )
     return ModelSource("hub", spec)
