@@ -125,15 +125,19 @@ def test_latest_env_installs_the_newest_releases() -> None:
     assert [arg for arg in install if arg.startswith("torch")] == ["torch==2.13.0"]
     assert "version(" in _option("latest", "commands_pre")
     commands = [line.strip() for line in _option("latest", "commands").splitlines() if line.strip()]
-    assert commands[0] == _option("py", "commands").strip()
-    assert [c for c in commands[1:] if c.startswith("pytest") and " -m lora examples/ " in f"{c} "]
+    guard = "python {toxinidir}/scripts/unless_locked.py {toxinidir}/tests/constraints.txt -- "
+    assert commands[0] == guard + _option("py", "commands").strip()
+    assert [c for c in commands[1:] if c.startswith(guard + "pytest") and " -m lora examples/ " in f"{c} "]
 
 
 def test_ci_runs_the_readme_command_then_latest_and_min_versions() -> None:
     script = (ROOT / ".ci" / "run").read_text()
     assert "pip install tox && tox" in (ROOT / "README.md").read_text()
     runs = [line.split("||")[0].strip() for line in script.splitlines() if line.startswith(("pip ", "tox"))]
-    assert runs == ["pip install tox && tox", "tox -e latest,min-versions,gpu-check-cpu"]
+    assert runs == [
+        "pip install tox && tox",
+        "tox run-parallel -e latest,min-versions,gpu-check-cpu --parallel-no-spinner --parallel-live",
+    ]
     assert "torch==2.13.0" in script and 'exit "$status"' in script
 
 
